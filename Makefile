@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv and install sdd.
+# TORCH: the torch requirement installed first; the default is this project's CPU wheel. On a GPU
+# host, set it to the build your cluster uses, e.g. `make test TORCH="torch==2.11.0"`.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+DEMO_ROOT ?= runs/toy-exp
+SEEDS ?= 3
+
+.PHONY: install test test-slow demo lint clean
+
+$(BIN)/sdd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/sdd
+
+test: install
+	$(BIN)/pytest -q
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check sdd tests benchmarks
+
+demo: install
+	$(BIN)/sdd toy init runs/toy
+	$(BIN)/sdd sft --run runs/toy --role teacher
+	$(BIN)/sdd sft --run runs/toy --role student
+	$(BIN)/sdd eval --run runs/toy --role teacher --seeds 3
+	$(BIN)/sdd eval --run runs/toy --role student --seeds 3
+	$(BIN)/sdd status runs/toy
+
+clean:
+	rm -rf runs

@@ -1,0 +1,3 @@
+from sdd.cli import main
+
+main()

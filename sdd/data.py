@@ -1,0 +1,245 @@
+"""Problems with verifiable answers: named benchmarks, local files, hub datasets, and the prompt.
+
+Every source is reduced to the same records, `{"id", "problem", "answer"}` plus `"solution"` where
+the source has worked solutions, so stages never care where the data came from. Named
+benchmarks resolve to a local file when `--data-dir` holds it (these machines cannot reach the
+hub) and to their hub dataset otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdd.errors import SddError
+
+INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+# Some sources already carry an instruction; two instructions would change the prompt the model saw in training.
+_TRAILING_INSTRUCTIONS = re.compile(
+    r"\s*(Please reason step by step, and put your final answer within \\boxed\{\}\.?|"
+    + re.escape(INSTRUCTION)
+    + r")\s*$"
+)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """Where a named dataset lives and how its fields map onto problem/answer."""
+
+    file: str
+    hub_id: str
+    hub_split: str
+    problem_column: str = "problem"
+    answer_column: str = "answer"
+    answer_format: str = "plain"  # "plain" | "gsm8k" (text ending in "#### N") | "boxed" (last \boxed{} of a solution)
+    hub_config: str | None = None
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "math500": Benchmark("math500.jsonl", "HuggingFaceH4/MATH-500", "test"),
+    "aime24": Benchmark("aime24.jsonl", "HuggingFaceH4/aime_2024", "train"),
+    "aime25": Benchmark("aime25.jsonl", "math-ai/aime25", "test"),
+    "amc23": Benchmark("amc23.jsonl", "math-ai/amc23", "test"),
+    "gsm8k": Benchmark("gsm8k-test.jsonl", "openai/gsm8k", "test", "question", "answer", "gsm8k", "main"),
+    "gsm8k-train": Benchmark("gsm8k-train.jsonl", "openai/gsm8k", "train", "question", "answer", "gsm8k", "main"),
+    "math-train": Benchmark("math-train.jsonl", "DigitalLearningGmbH/MATH-lighteval", "train", "problem", "solution", "boxed"),
+    "dapo-math": Benchmark("dapo-math.jsonl", "open-r1/DAPO-Math-17k-Processed", "train", "prompt", "solution", "plain", "en"),
+}
+
+
+def user_message(problem: str) -> list[dict[str, str]]:
+    """The one prompt every stage and eval uses, so training and evaluation see the same words."""
+    problem = _TRAILING_INSTRUCTIONS.sub("", problem.strip())
+    return [{"role": "user", "content": f"{problem}\n{INSTRUCTION}"}]
+
+
+def render_prompt(tokenizer, problem: str, chat_template_kwargs: dict | None = None) -> str:
+    return tokenizer.apply_chat_template(
+        user_message(problem), tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+    )
+
+
+def answer_text(value: Any, answer_format: str = "plain") -> str | None:
+    """Gold answer as a string; None where the record has no usable answer.
+
+    Numbers are common in the wild (AMC stores 27.0); they are written the way a model would box
+    them. Lists, dicts and booleans are not answers and are rejected by the caller.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if not isinstance(value, str):
+        return None
+    if answer_format == "gsm8k":
+        _, sep, tail = value.rpartition("####")
+        return tail.strip().replace(",", "") if sep else None
+    if answer_format == "boxed":
+        from sdd.verify import extract_boxed
+
+        return extract_boxed(value)
+    return value.strip() or None
+
+
+def read_records(path: Path) -> list[dict]:
+    """Rows of a local jsonl / json / parquet file, with errors that name the file and line."""
+    if not path.is_file():
+        raise SddError(f"dataset file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SddError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); fix or regenerate it") from None
+        if isinstance(data, dict):  # {"data": [...]} or column-oriented layouts
+            data = data.get("data", data.get("rows", data))
+        if not isinstance(data, list):
+            raise SddError(f"{path} must hold a list of records (or use .jsonl, one record per line)")
+        return data
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise SddError(f"{path}:{number} is not valid JSON ({err.msg}); fix or remove that line") from None
+    return rows
+
+
+def _hub_records(hub_id: str, split: str, config: str | None) -> list[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(hub_id, config, split=split).to_list()
+    except Exception as err:  # noqa: BLE001 - the hub client raises many types; the user needs one sentence
+        raise SddError(
+            f"could not load dataset '{hub_id}' (split {split}) from the hub: {type(err).__name__}: {str(err).splitlines()[0]}"
+            " - pass a local file, or --data-dir with the benchmark files"
+        ) from None
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A resolved dataset: what to record in the manifest and how to read it."""
+
+    name: str
+    path: Path | None  # local file, None for hub datasets
+    hub_id: str | None
+    split: str | None
+    problem_column: str
+    answer_column: str
+    answer_format: str
+    hub_config: str | None = None
+
+    def describe(self) -> str:
+        return str(self.path) if self.path else f"hub:{self.hub_id}[{self.split}]"
+
+
+def resolve(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    registered: dict[str, str] | None = None,
+    split: str | None = None,
+    problem_column: str | None = None,
+    answer_column: str | None = None,
+) -> DataSource:
+    """Find a dataset by run-dir registration, benchmark name, local path or hub id, in that order."""
+    registered = registered or {}
+    if name in registered:
+        path = Path(registered[name])
+        return DataSource(name, path, None, None, problem_column or "problem", answer_column or "answer", "plain")
+    if name in BENCHMARKS:
+        spec = BENCHMARKS[name]
+        cols = (problem_column or spec.problem_column, answer_column or spec.answer_column)
+        if data_dir is not None:
+            local = Path(data_dir) / spec.file
+            if local.is_file():
+                # Local benchmark files carry a ready `answer` column even where the hub dataset does not.
+                fmt = "gsm8k" if spec.answer_format == "gsm8k" else "plain"
+                local_cols = (problem_column or spec.problem_column, answer_column or "answer")
+                return DataSource(name, local, None, None, *local_cols, fmt)
+            raise SddError(f"benchmark '{name}' expects {local}; it is not there (check --data-dir)")
+        return DataSource(name, None, spec.hub_id, split or spec.hub_split, *cols, spec.answer_format, spec.hub_config)
+    path = Path(name)
+    if path.exists() or path.suffix.lower() in (".jsonl", ".json", ".parquet") or name.startswith((".", "/")):
+        if path.is_dir():
+            raise SddError(f"dataset {path} is a directory; name a .jsonl, .json or .parquet file")
+        if not path.exists():
+            raise SddError(f"dataset file {path} does not exist")
+        return DataSource(name, path, None, None, problem_column or "problem", answer_column or "answer", "plain")
+    if "/" in name:
+        return DataSource(name, None, name, split or "train", problem_column or "problem", answer_column or "answer", "plain")
+    known = ", ".join(sorted(set(BENCHMARKS) | set(registered)))
+    raise SddError(f"unknown dataset '{name}': use a file path, a hub id (owner/name), or one of: {known}")
+
+
+def load(source: DataSource, *, limit: int | None = None, require_solution: bool = False) -> list[dict]:
+    """Records `{"id", "problem", "answer", "solution"?}`; bad data stops here with what to fix."""
+    rows = read_records(source.path) if source.path else _hub_records(source.hub_id, source.split, source.hub_config)
+    where = source.describe()
+    if not rows:
+        raise SddError(f"dataset {where} is empty")
+    first = rows[0]
+    if not isinstance(first, dict):
+        raise SddError(f"dataset {where} must hold JSON objects, one per problem")
+    for column in (source.problem_column, source.answer_column):
+        if column not in first:
+            raise SddError(
+                f"dataset {where} has no column '{column}' (columns: {', '.join(first)}); "
+                "name the right one with --problem-column / --answer-column"
+            )
+    if require_solution and "solution" not in first:
+        raise SddError(f"dataset {where} has no 'solution' column with worked solutions, which sft trains on")
+    records = []
+    for index, row in enumerate(rows):
+        problem = row.get(source.problem_column)
+        if not isinstance(problem, str) or not problem.strip():
+            raise SddError(f"dataset {where}, record {index}: '{source.problem_column}' must be non-empty text")
+        raw = row.get(source.answer_column)
+        if isinstance(raw, (list, dict)):
+            raise SddError(
+                f"dataset {where}, record {index}: '{source.answer_column}' is a {type(raw).__name__}, expected text or a number"
+            )
+        record = {
+            "id": str(row.get("id", row.get("unique_id", row.get("idx", index)))),
+            "problem": problem,
+            "answer": answer_text(raw, source.answer_format),
+        }
+        if "solution" in row and isinstance(row["solution"], str):
+            record["solution"] = row["solution"]
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    return records
+
+
+def split_usable(records: list[dict], *, max_bad_fraction: float, where: str) -> tuple[list[dict], int]:
+    """Drop records whose gold answer cannot be verified, failing when too many are bad.
+
+    A few broken golds are normal in scraped data and would only score 0 forever; a large share
+    means the wrong column or format was chosen, which must stop the run instead.
+    """
+    from sdd.verify import golds_usable
+
+    verdicts = golds_usable([r["answer"] or "" for r in records])
+    usable = [r for r, ok in zip(records, verdicts, strict=True) if r["answer"] is not None and ok]
+    bad = len(records) - len(usable)
+    if records and bad / len(records) > max_bad_fraction:
+        raise SddError(
+            f"dataset {where}: {bad} of {len(records)} gold answers cannot be parsed "
+            f"(more than {max_bad_fraction:.0%}); check --answer-column or the file"
+        )
+    return usable, bad

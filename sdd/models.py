@@ -1,0 +1,113 @@
+"""Loading models and tokenizers safely, and the teacher/student pre-flight check.
+
+Loading goes through the same `from_pretrained` calls for hub ids and local paths, with the
+safe defaults a shared cluster needs: no remote code unless asked, weights only from
+safetensors (no pickle). Every failure a user can fix becomes one line naming the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdd.errors import SddError
+
+PROBE_CONVERSATION = [
+    {"role": "user", "content": "What is 1+1? Let's think step by step and output the final answer within \\boxed{}."},
+    {"role": "assistant", "content": "1+1=2. The answer is \\boxed{2}."},
+]
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
+
+
+def check_reference(name: str) -> None:
+    """Fail early on a local model path that is not there, before any heavy import or download."""
+    path = Path(name).expanduser()
+    if _looks_local(name) and not path.exists():
+        raise SddError(f"model {name} does not exist (neither a local directory nor an owner/name hub id)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise SddError(f"model {name} has no config.json; point at a saved model directory (e.g. <stage>/final)")
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    check_reference(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - transformers raises OSError/ValueError/... with long texts
+        raise SddError(f"could not load the tokenizer of {name}: {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name: str, *, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None):
+    """A causal LM from a hub id or a local directory, refusing pickled weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_reference(name)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001
+        raise SddError(f"could not load model {name}: {_first_line(err)}") from None
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise SddError(f"{name} is not a causal language model (model_type '{config.model_type}')") from None
+        raise SddError(f"could not load model {name}: {_first_line(err)}") from None
+    except OSError as err:
+        raise SddError(f"could not load model {name}: {_first_line(err)} (sdd loads safetensors weights only)") from None
+    if device:
+        model.to(device)
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher_config, student_config) -> int:
+    """Pre-flight check before any teacher forward; returns the vocabulary both heads are sliced to.
+
+    Token-level KL compares distributions index by index, so it is meaningless unless both
+    models index the same tokens: same vocabulary, same special tokens, same chat rendering.
+    lm_head rows beyond the tokenizer are padding (Qwen pads 151,669 tokens to 151,936 or
+    152,064 rows), so heads of different sizes are fine as long as both cover the tokenizer:
+    both are sliced to the tokenizer's tokens, which is what the returned size is.
+    """
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+        only_t = len(set(t_vocab) - set(s_vocab))
+        only_s = len(set(s_vocab) - set(t_vocab))
+        moved = sum(1 for tok, i in t_vocab.items() if tok in s_vocab and s_vocab[tok] != i)
+        raise SddError(
+            f"teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens: {only_t} only in the "
+            f"teacher, {only_s} only in the student, {moved} with other ids); token-level KL needs one tokenizer"
+        )
+    for attr in ("eos_token", "pad_token", "bos_token"):
+        t_value, s_value = getattr(teacher_tokenizer, attr), getattr(student_tokenizer, attr)
+        if t_value != s_value:
+            raise SddError(f"teacher and student tokenizers differ in {attr}: {t_value!r} vs {s_value!r}")
+    try:
+        t_render = teacher_tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False)
+        s_render = student_tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False)
+    except Exception as err:  # noqa: BLE001 - a missing template raises ValueError, a broken one Jinja errors
+        raise SddError(f"cannot render the chat template of the teacher or student tokenizer: {_first_line(err)}") from None
+    if t_render != s_render:
+        raise SddError("teacher and student chat templates render the same conversation differently; use one tokenizer")
+    tokens = len(teacher_tokenizer)
+    t_rows, s_rows = teacher_config.vocab_size, student_config.vocab_size
+    if min(t_rows, s_rows) < tokens:
+        raise SddError(
+            f"lm_head sizes do not cover the tokenizer: teacher {t_rows}, student {s_rows} rows for {tokens} tokens"
+        )
+    return tokens

@@ -1,0 +1,315 @@
+"""Recipes: the paper's experiment, its controls and ablations as data, planned into stage jobs.
+
+A recipe names the models, the data, per-stage options and which variants to run. Planning
+turns it into jobs, each one ordinary `sdd <stage> ...` command line in a run directory:
+
+    <root>/shared/                 stages every variant reuses (toy, bootstrap SFT, teacher RL,
+                                   the SFT-teacher control, teacher evals)
+    <root>/<variant>/seed<k>/      the student stages of one variant and one seed, and its eval
+
+Because jobs are plain command lines, the same plan runs in-process (`sdd run`), under a
+launcher (`--launcher "accelerate launch ..."`), or as a chain of Slurm jobs, and a user can
+run any job by hand: the manifests are the one source of truth for all of them. Identical
+stages are planned once (the warmup of `rl-teacher-bridge` is the warmup `no-distill` evaluates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from sdd.errors import SddError
+
+STAGE_KINDS = ("sft", "teacher-rl", "warmup", "distill", "student-rl", "eval")
+# Recipe `stages:` sections: a stage kind, or one of the shared stages by name (the bootstrap SFT of
+# either model, the SFT-teacher control), whose options go over those of its kind.
+STAGE_SECTIONS = (*STAGE_KINDS, "sft-teacher", "sft-student", "teacher-sft")
+
+# Which teacher a variant bridges from, and which student stages it runs, in order.
+# "warmup-sft" is warmup with hard labels on the same teacher samples (sequence-level KD).
+BUILTIN_VARIANTS: dict[str, dict[str, Any]] = {
+    "rl-teacher-bridge": {"teacher": "rl", "steps": ["warmup", "distill"]},
+    "direct-grpo": {"teacher": None, "steps": ["student-rl"]},
+    "raw-teacher-bridge": {"teacher": "raw", "steps": ["warmup", "distill"]},
+    "sft-teacher-bridge": {"teacher": "sft", "steps": ["warmup", "distill"]},
+    "no-warmup": {"teacher": "rl", "steps": ["distill"]},
+    "no-distill": {"teacher": "rl", "steps": ["warmup"]},
+    "sft-on-teacher-samples": {"teacher": "rl", "steps": ["warmup-sft"]},
+}
+TEACHERS = ("rl", "raw", "sft")
+STEP_KINDS = ("warmup", "warmup-sft", "distill", "student-rl")
+
+# The comparisons the report computes paired bootstrap CIs for: (variant, reference).
+COMPARISONS = [
+    ("rl-teacher-bridge", "direct-grpo"),
+    ("rl-teacher-bridge", "raw-teacher-bridge"),
+    ("rl-teacher-bridge", "sft-teacher-bridge"),
+    ("no-warmup", "rl-teacher-bridge"),
+    ("no-distill", "rl-teacher-bridge"),
+    ("sft-on-teacher-samples", "rl-teacher-bridge"),
+]
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A validated recipe file."""
+
+    path: Path
+    toy: bool = False
+    teacher: str | None = None
+    student: str | None = None
+    train_dataset: str = "math-train"
+    sft_dataset: str | None = None
+    data_dir: str | None = None
+    benchmarks: list[str] = dataclasses.field(default_factory=lambda: ["math500"])
+    seeds: int = 3
+    bootstrap: bool = False  # supervised bootstrap of both models first (the toy's models start random)
+    student_rl_after_bridge: bool = False
+    variants: list[str] = dataclasses.field(default_factory=lambda: list(BUILTIN_VARIANTS))
+    custom_variants: dict[str, dict] = dataclasses.field(default_factory=dict)
+    stages: dict[str, dict] = dataclasses.field(default_factory=dict)
+    eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    datasets: dict[str, str] = dataclasses.field(default_factory=dict)  # names registered in every run dir
+
+    def variant(self, name: str) -> dict:
+        return self.custom_variants.get(name) or BUILTIN_VARIANTS[name]
+
+
+def load(path: str | Path) -> Recipe:
+    """Parse and validate; every problem is one line that names the key and what to write instead."""
+    from sdd.config import load_yaml
+
+    raw = load_yaml(path)
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"path"}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise SddError(f"recipe {path}: unknown key '{unknown[0]}' (keys: {', '.join(sorted(fields))})")
+    try:
+        recipe = Recipe(path=Path(path), **raw)
+    except TypeError as err:
+        raise SddError(f"recipe {path}: {err}") from None
+    for key in ("variants", "benchmarks"):
+        if not isinstance(getattr(recipe, key), list) or not getattr(recipe, key):
+            raise SddError(f"recipe {path}: '{key}' must be a non-empty list")
+    if not isinstance(recipe.seeds, int) or recipe.seeds < 1:
+        raise SddError(f"recipe {path}: 'seeds' must be a positive integer")
+    for name, spec in recipe.custom_variants.items():
+        if not isinstance(spec, dict) or set(spec) - {"teacher", "steps"} or not isinstance(spec.get("steps"), list):
+            raise SddError(f"recipe {path}: custom variant '{name}' must be {{teacher: rl|raw|sft|null, steps: [...]}}")
+        if spec.get("teacher") not in (*TEACHERS, None):
+            raise SddError(f"recipe {path}: custom variant '{name}' has teacher {spec.get('teacher')!r}; use rl, raw, sft or null")
+        for step in spec["steps"]:
+            if step not in STEP_KINDS:
+                raise SddError(f"recipe {path}: custom variant '{name}' has unknown step '{step}' (steps: {', '.join(STEP_KINDS)})")
+        needs_teacher = any(s in ("warmup", "warmup-sft", "distill") for s in spec["steps"])
+        if needs_teacher and not spec.get("teacher"):
+            raise SddError(f"recipe {path}: custom variant '{name}' distils but names no teacher")
+    known = set(BUILTIN_VARIANTS) | set(recipe.custom_variants)
+    for name in recipe.variants:
+        if name not in known:
+            raise SddError(f"recipe {path}: unknown variant '{name}' (built in: {', '.join(BUILTIN_VARIANTS)})")
+    for kind, section in recipe.stages.items():
+        if kind not in STAGE_SECTIONS:
+            raise SddError(f"recipe {path}: 'stages' has unknown stage '{kind}' (stages: {', '.join(STAGE_SECTIONS)})")
+        if not isinstance(section, dict):
+            raise SddError(f"recipe {path}: stages.{kind} must be a mapping of option: value")
+    for name, file in recipe.datasets.items():
+        if not isinstance(file, str):
+            raise SddError(f"recipe {path}: datasets.{name} must be a file path")
+    if not recipe.toy and (not recipe.teacher or not recipe.student):
+        raise SddError(f"recipe {path}: name the models ('teacher:' and 'student:', hub ids or paths), or set 'toy: true'")
+    return recipe
+
+
+@dataclasses.dataclass
+class Job:
+    """One stage invocation: `sdd <argv>`, to run once `after` have finished."""
+
+    id: str
+    run_dir: Path
+    stage: str
+    name: str
+    argv: list[str]
+    after: list[str]
+    variant: str | None = None
+    seed: int | None = None
+    records: list[str] = dataclasses.field(default_factory=list)  # manifest records it writes
+
+    @property
+    def trains(self) -> bool:
+        return self.stage not in ("eval", "toy-init")
+
+
+class Planner:
+    """Builds the job graph; a job whose (stage, inputs, options) was already planned is reused."""
+
+    def __init__(self, recipe: Recipe, root: Path, seeds: int):
+        self.recipe = recipe
+        self.root = root
+        self.seeds = seeds
+        self.jobs: dict[str, Job] = {}
+        self.by_key: dict[str, str] = {}
+        self.shared = root / "shared"
+        self.config_dir = root / "plan"
+        self.datasets = {k: str(Path(v).resolve()) for k, v in recipe.datasets.items()}
+
+    def _config_file(self, stage: str, options: dict) -> list[str]:
+        """Recipe options for a stage go to a YAML file the command names, so commands stay short."""
+        if not options:
+            return []
+        import yaml
+
+        digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        path = self.config_dir / f"{stage}-{digest}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text(yaml.safe_dump(options, sort_keys=True))
+        return ["--config", str(path)]
+
+    def add(self, *, run_dir: Path, stage: str, name: str, args: list[str], options: dict, after: list[str],
+            variant: str | None = None, seed: int | None = None) -> Job:
+        key = json.dumps([stage, args, options, sorted(after)], sort_keys=True, default=str)
+        if key in self.by_key:
+            return self.jobs[self.by_key[key]]
+        job_id = f"{run_dir.relative_to(self.root).as_posix()}:{name}"
+        if job_id in self.jobs:
+            raise SddError(f"the plan has two different '{name}' stages in {run_dir}; rename one variant's stage")
+        command = {"toy-init": ["toy", "init", str(run_dir)]}.get(stage, [stage, "--run", str(run_dir), "--name", name])
+        argv = [*command, *args, *self._config_file(stage, options)]
+        records = [f"{name}-{slug(b)}" for b in self.recipe.benchmarks] if stage == "eval" else [name]
+        job = Job(job_id, run_dir, stage, name, argv, list(after), variant, seed, records)
+        self.jobs[job_id] = job
+        self.by_key[key] = job_id
+        return job
+
+    @staticmethod
+    def final(job: Job) -> str:
+        return str(job.run_dir / job.name / "final")
+
+    def stage_options(self, kind: str, name: str | None = None, **extra) -> dict:
+        """Options for a stage: the toy's sizes (toy recipes), the recipe's sections (kind, then name), `extra`."""
+        base: dict = {}
+        sections = [kind] + ([name] if name and name != kind else [])
+        if self.recipe.toy:
+            from sdd.stages.toy_init import TOY_CONFIG
+
+            for section in sections:
+                base.update(TOY_CONFIG.get(section, {}))
+        for section in sections:
+            base.update(self.recipe.stages.get(section) or {})
+        base.update({k: v for k, v in extra.items() if v is not None})
+        return base
+
+    def data_args(self) -> list[str]:
+        return ["--data-dir", self.recipe.data_dir] if self.recipe.data_dir else []
+
+    def plan(self) -> list[Job]:
+        r = self.recipe
+        after_init: list[str] = []
+        teacher_base, student_base = r.teacher, r.student
+        if r.toy:
+            init = self.add(run_dir=self.shared, stage="toy-init", name="toy-init", args=[], options={}, after=[])
+            after_init = [init.id]
+            toy_data = self.shared / "toy" / "data"
+            self.datasets = {"toy-train": str(toy_data / "train.jsonl"), "toy-test": str(toy_data / "test.jsonl"),
+                             **self.datasets}
+            teacher_base = teacher_base or str(self.shared / "toy" / "teacher-base")
+            student_base = student_base or str(self.shared / "toy" / "student-base")
+        teacher_raw, student_start, deps_t, deps_s = teacher_base, student_base, after_init, after_init
+        if r.bootstrap:
+            sft_data = r.sft_dataset or r.train_dataset
+            sft_t = self.add(run_dir=self.shared, stage="sft", name="sft-teacher", options=self.stage_options("sft", "sft-teacher"),
+                             args=["--role", "teacher", "--model", teacher_base, "--dataset", sft_data, *self.data_args()],
+                             after=after_init)
+            sft_s = self.add(run_dir=self.shared, stage="sft", name="sft-student", options=self.stage_options("sft", "sft-student"),
+                             args=["--role", "student", "--model", student_base, "--dataset", sft_data, *self.data_args()],
+                             after=after_init)
+            teacher_raw, student_start = self.final(sft_t), self.final(sft_s)
+            deps_t, deps_s = [sft_t.id], [sft_s.id]
+        teachers: dict[str, tuple[str, list[str]]] = {"raw": (teacher_raw, deps_t)}
+        train = ["--dataset", r.train_dataset, *self.data_args()]
+        wanted = {r.variant(v).get("teacher") for v in r.variants}
+        if "rl" in wanted:
+            rl = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl", args=["--model", teacher_raw, *train],
+                          options=self.stage_options("teacher-rl"), after=deps_t)
+            teachers["rl"] = (self.final(rl), [rl.id])
+        if "sft" in wanted:
+            sft_data = r.sft_dataset or r.train_dataset
+            control_options = self.stage_options("sft", "teacher-sft")
+            control = self.add(run_dir=self.shared, stage="sft", name="teacher-sft", options=control_options,
+                               args=["--role", "teacher", "--model", teacher_raw, "--dataset", sft_data, *self.data_args()],
+                               after=deps_t)
+            teachers["sft"] = (self.final(control), [control.id])
+        for which, (path, deps) in teachers.items():
+            if which in wanted or which == "raw":
+                self.add_eval(self.shared, f"eval-teacher-{which}", path, "teacher", deps, None, None)
+        self.add_eval(self.shared, "eval-student-base", student_start, "student", deps_s, None, None)
+        for variant in r.variants:
+            spec = r.variant(variant)
+            steps = list(spec["steps"])
+            if variant == "rl-teacher-bridge" and r.student_rl_after_bridge:
+                steps.append("student-rl")
+            for seed in range(self.seeds):
+                self.plan_variant(variant, spec.get("teacher"), steps, seed, teachers, student_start, deps_s, train)
+        return self.ordered()
+
+    def plan_variant(self, variant, teacher_kind, steps, seed, teachers, student_start, deps_s, train) -> None:
+        run_dir = self.root / variant / f"seed{seed}"
+        student, deps = student_start, list(deps_s)
+        teacher_path, teacher_deps = teachers.get(teacher_kind, (None, []))
+        # Stages shared between variants run in the first variant's dir; ids make them the same job.
+        for step in steps:
+            kind = "warmup" if step == "warmup-sft" else step
+            name = {"warmup-sft": "warmup-sft"}.get(step, kind)
+            extra = {"seed": seed}
+            if kind == "warmup":
+                extra["sample_seed"] = seed
+                extra["sample_cache"] = str(self.root / "cache" / "teacher-samples")  # shared by warmup and warmup-sft
+            if step == "warmup-sft":
+                extra["objective"] = "sft"
+            options = self.stage_options(kind, **extra)
+            args = ["--student" if kind in ("warmup", "distill") else "--model", student, *train]
+            if kind in ("warmup", "distill"):
+                args = ["--teacher", teacher_path, *args]
+            job = self.add(run_dir=run_dir, stage=kind, name=name, args=args, options=options,
+                           after=sorted(set(deps + (teacher_deps if kind in ("warmup", "distill") else []))),
+                           variant=variant, seed=seed)
+            student, deps = self.final(job), [job.id]
+        self.add_eval(run_dir, "eval", student, "student", deps, variant, seed)
+
+    def add_eval(self, run_dir: Path, name: str, model: str, role: str, deps: list[str], variant, seed) -> Job:
+        options = {"seeds": 1, **self.stage_options("eval"), **self.recipe.eval, "benchmark": self.recipe.benchmarks}
+        args = ["--model", model, "--role", role, *self.data_args()]
+        return self.add(run_dir=run_dir, stage="eval", name=name, args=args, options=options, after=deps,
+                        variant=variant, seed=seed)
+
+    def ordered(self) -> list[Job]:
+        """Topological order (Kahn), stable in planning order; a cycle or a missing job is an error."""
+        order, done = [], set()
+        pending = list(self.jobs.values())
+        while pending:
+            ready = [j for j in pending if all(d in done for d in j.after)]
+            if not ready:
+                missing = {d for j in pending for d in j.after if d not in self.jobs}
+                what = f"missing stage {sorted(missing)[0]}" if missing else "a cycle between " + ", ".join(j.id for j in pending)
+                raise SddError(f"cannot order the plan: {what}")
+            for job in ready:
+                order.append(job)
+                done.add(job.id)
+            pending = [j for j in pending if j.id not in done]
+        return order
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def plan(recipe: Recipe, root: Path, seeds: int | None = None) -> tuple[list[Job], dict[str, str]]:
+    """The ordered jobs, and the datasets every run dir must have registered before its jobs run."""
+    planner = Planner(recipe, Path(root), seeds or recipe.seeds)
+    jobs = planner.plan()
+    return jobs, planner.datasets

@@ -1,0 +1,418 @@
+"""What every stage shares: config layers, input resolution, the manifest lifecycle, and the
+guards TRL's Trainer lacks for week-long preemptible jobs.
+
+A stage module states only what is its own (its options, which TRL trainer, which loss); the
+lock, the manifest record, resuming from the newest complete checkpoint, stopping cleanly on
+SIGTERM, refusing a non-finite loss and the console progress live here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sdd import config as cfg
+from sdd.errors import SddError
+from sdd.manifest import RunDir, fingerprint, is_main_process
+
+# Exit status of a stage stopped by SIGTERM/SIGINT after saving a checkpoint: EX_TEMPFAIL, "try
+# again". Slurm scripts requeue on it; rerunning the same command resumes.
+EXIT_INTERRUPTED = 75
+
+
+class Interrupted(Exception):
+    """The stage stopped at a step boundary on a signal; its checkpoint is saved."""
+
+
+class StageSkipped(Exception):
+    """The stage is already done; rerun with --force to redo it."""
+
+
+@dataclasses.dataclass
+class StageInput:
+    """A checkpoint or dataset a stage consumes, with where it came from for the manifest."""
+
+    path: str
+    from_stage: str | None = None
+    run: str | None = None  # another run dir it was resolved in, when not this one
+    expected_fingerprint: str | None = None
+
+    def record(self, trust_changed: bool) -> dict:
+        entry: dict[str, Any] = {"path": self.path}
+        if self.from_stage:
+            entry["from_stage"] = self.from_stage
+        if self.run:
+            entry["run"] = self.run
+        local = Path(self.path)
+        if local.exists():
+            entry["fingerprint"] = fingerprint(local)
+            if self.expected_fingerprint and entry["fingerprint"] != self.expected_fingerprint:
+                if not trust_changed:
+                    raise SddError(
+                        f"{self.path} changed since stage '{self.from_stage}' wrote it (fingerprint "
+                        f"{self.expected_fingerprint} -> {entry['fingerprint']}); rerun that stage, or pass --trust-changed"
+                    )
+                entry["trusted_change"] = True
+        return entry
+
+
+@dataclasses.dataclass
+class StageArgs:
+    """What every stage subcommand takes besides its own options."""
+
+    run: str
+    name: str | None = None
+    config_file: str | None = None
+    cli: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sets: list[str] = dataclasses.field(default_factory=list)
+    force: bool = False
+    trust_changed: bool = False
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage section handed over by `sdd run`
+
+
+def recorded_checkpoint(path: Path) -> StageInput | None:
+    """A checkpoint named by path that some run dir above it recorded: keep its stage and fingerprint.
+
+    So a checkpoint passed explicitly (as `sdd run` does) is still checked for changes since it
+    was written, and records say which stage it came from.
+    """
+    if not path.exists():
+        return None
+    target = path.resolve()
+    for parent in list(target.parents)[:3]:
+        if not (parent / "manifest.json").is_file():
+            continue
+        run = RunDir(parent)
+        for name, record in run.stages().items():
+            if record.get("status") != "done":
+                continue
+            for entry in record.get("outputs", {}).values():
+                if run.resolve_path(entry["path"]) == target:
+                    return StageInput(str(path), name, str(parent), entry.get("fingerprint"))
+    return None
+
+
+def resolve_checkpoint(run: RunDir, role: str, explicit: str | None, *, exclude: str | None = None,
+                       prefer: tuple[str, ...] = ()) -> StageInput:
+    """The model a stage starts from: an explicit path, hub id or run dir wins; else the newest for `role`.
+
+    `prefer` lists stage names to take first when present (e.g. student-rl starts from distill,
+    else warmup, else the base student), since "newest" alone would pick whatever ran last.
+    """
+    if explicit:
+        other = Path(explicit)
+        if (other / "manifest.json").is_file():  # a run dir: its newest checkpoint for the role
+            found = RunDir(other).newest_output(role)
+            if not found:
+                raise SddError(f"run dir {explicit} has no finished {role} checkpoint")
+            stage, entry = found
+            return StageInput(str(RunDir(other).resolve_path(entry["path"])), stage, str(other), entry.get("fingerprint"))
+        return recorded_checkpoint(other) or StageInput(explicit)
+    stages = run.stages()
+    for name in prefer:
+        record = stages.get(name)
+        if record and record.get("status") == "done" and role in record.get("outputs", {}):
+            entry = record["outputs"][role]
+            return StageInput(str(run.resolve_path(entry["path"])), name, None, entry.get("fingerprint"))
+    found = run.newest_output(role, exclude=exclude)
+    if not found:
+        raise SddError(f"no {role} checkpoint in {run.path}: pass --model (a path or hub id), or run a stage that makes one")
+    stage, entry = found
+    return StageInput(str(run.resolve_path(entry["path"])), stage, None, entry.get("fingerprint"))
+
+
+def resolve_options(sections: tuple[str, ...], options_cls, trl_cls, args: StageArgs, defaults: dict[str, Any]):
+    """All layers, lowest first: sdd defaults, run dir config.yaml, recipe, --config, CLI, --set.
+
+    `sections` names the run dir config.yaml sections that apply, general first: the stage
+    kind, then the stage's own name (`sft`, then `sft-student`).
+    """
+    layers = [cfg.Layer("sdd defaults", defaults)]
+    for section in sections:
+        layers.append(cfg.Layer(f"{args.run}/config.yaml [{section}]", cfg.run_defaults(Path(args.run), section)))
+    layers.append(cfg.Layer("the recipe", args.recipe))
+    if args.config_file:
+        layers.append(cfg.Layer(args.config_file, cfg.load_yaml(args.config_file)))
+    layers.append(cfg.Layer("the command line", {k: v for k, v in args.cli.items() if v is not None}))
+    layers.append(cfg.Layer("--set", cfg.parse_sets(args.sets), from_text=True))
+    return cfg.resolve(options_cls, trl_cls, layers)
+
+
+def device_defaults() -> dict[str, Any]:
+    """TRL configs default to bf16, which fails outright on CPUs; use it only where the device has it."""
+    import torch
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "use_cpu": not torch.cuda.is_available()}
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def complete_checkpoints(stage_dir: Path) -> list[Path]:
+    """Checkpoints whose save finished, oldest first (Trainer writes trainer_state.json last)."""
+    found = []
+    for path in stage_dir.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if not suffix.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            json.loads((path / "trainer_state.json").read_text())
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found)]
+
+
+def resume_point(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint; half-written ones after it (killed mid-save) are removed."""
+    complete = complete_checkpoints(stage_dir)
+    newest = complete[-1] if complete else None
+    newest_step = int(newest.name.split("-")[1]) if newest else -1
+    for path in stage_dir.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and int(suffix) > newest_step and path not in complete:
+            shutil.rmtree(path, ignore_errors=True)
+    return newest
+
+
+def save_final(trainer, out_dir: Path) -> Path:
+    """Write the final model + tokenizer to a temp dir and rename, so `final/` is whole or absent."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        tokenizer = trainer.processing_class
+        if tokenizer is not None and not (tmp / "tokenizer_config.json").exists():
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    trainer.accelerator.wait_for_everyone()
+    return out_dir
+
+
+# -- signals --------------------------------------------------------------------------------------
+class PreemptionFlag:
+    """First SIGTERM/SIGINT asks for a checkpoint at the next step boundary; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now; checkpoints already written stay valid
+        self.requested = name
+        if is_main_process():
+            print(f"\n{name}: saving a checkpoint at the next step, then stopping (Ctrl-C again to abort now)",
+                  file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[PreemptionFlag]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+def make_callbacks(flag: PreemptionFlag, stage_dir: Path, label: str, headline: tuple[str, ...]):
+    """TrainerCallbacks: stop on preemption (agreed across ranks), log history to disk, show progress."""
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            requested = flag.requested is not None
+            if args.world_size > 1:  # every rank must stop at the same step or the collectives hang
+                import torch
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+                    t = torch.tensor([1.0 if requested else 0.0], device=device)
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                    requested = bool(t.item())
+            if requested:
+                flag.requested = flag.requested or "SIGTERM (another rank)"
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    class LogToDisk(TrainerCallback):
+        """log.jsonl in the stage dir: the training curves `sdd report` plots, appended across resumes."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(stage_dir / "log.jsonl", "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    class Progress(TrainerCallback):
+        """One rich progress bar with the live metrics that matter for this stage."""
+
+        def __init__(self) -> None:
+            self.progress = None
+            self.task = None
+            self.shown: dict[str, float] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[metrics]}"), transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(label, total=state.max_steps, completed=state.global_step, metrics="")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.progress and logs:
+                for key in headline:
+                    if key in logs:
+                        self.shown[key.split("/")[-1]] = logs[key]
+                text = "  ".join(f"{k} {v:.3g}" for k, v in self.shown.items() if isinstance(v, (int, float)))
+                self.progress.update(self.task, metrics=text)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress:
+                self.progress.stop()
+                self.progress = None
+
+    return [StopOnSignal(), LogToDisk(), Progress()]
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss became {value} at step {step}")
+        self.step = step
+
+
+def guarded(trainer_cls):
+    """A subclass of a TRL trainer that refuses a non-finite loss before the optimizer applies it.
+
+    Checked on every micro-step, so no optimizer update and no checkpoint ever contains the
+    poisoned gradients; the last checkpoint on disk stays the last good one.
+    """
+
+    class Guarded(trainer_cls):
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            value = float(loss.detach().float().sum())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(self.state.global_step + 1, value)
+            return loss
+
+    Guarded.__name__ = f"Guarded{trainer_cls.__name__}"
+    return Guarded
+
+
+def quiet_trainer(trainer) -> None:
+    """Our progress bar replaces transformers' tqdm bar and its printed log dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+
+def summarize_logs(log_history: list[dict], keys: dict[str, str], last: int = 5) -> dict[str, float]:
+    """Mean of the last few logged values per metric: one step's value is too noisy to record."""
+    out: dict[str, float] = {}
+    for name, key in keys.items():
+        values = [entry[key] for entry in log_history if isinstance(entry.get(key), (int, float))]
+        if values:
+            tail = values[-last:]
+            out[name] = float(sum(tail) / len(tail))
+    return out
+
+
+# -- the lifecycle ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Stage:
+    """An open stage: its run dir, name and folder while it runs under its lock."""
+
+    run: RunDir
+    name: str
+    dir: Path
+    flag: PreemptionFlag
+    started: float
+    finished: bool = False
+
+    def output(self, role: str, path: Path) -> dict:
+        return {role: self.run.output_entry(path)}
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+
+@contextlib.contextmanager
+def open_stage(args: StageArgs, *, name: str, stage: str, role: str | None, config: dict,
+               inputs: dict[str, StageInput]) -> Iterator[Stage]:
+    """Lock the stage, record it as running, and record how it ended whatever happens.
+
+    The body calls `run.end(name, "done", ...)` itself through `finish`; anything else that
+    escapes (a user error, a crash, a signal) is recorded as failed or interrupted, and the
+    exception continues to the CLI, which maps it to an exit code.
+    """
+    run = RunDir(args.run)
+    run.create()
+    stage_dir = run.path / name
+    record = run.stage(name)
+    if record and record["status"] == "done" and not args.force:
+        raise StageSkipped(f"{name} is done in {run.path} (use --force to redo it, or --name for another variant)")
+    lock = run.lock(name) if is_main_process() else contextlib.nullcontext()
+    with lock:
+        if args.force and record and record["status"] == "done" and is_main_process():
+            for old in stage_dir.glob("checkpoint-*"):
+                shutil.rmtree(old, ignore_errors=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        input_records = {key: value.record(args.trust_changed) for key, value in inputs.items()}
+        run.begin(name, stage=stage, role=role, config=cfg.to_jsonable(config), inputs=input_records)
+        flag = PreemptionFlag()
+        handle = Stage(run, name, stage_dir, flag, time.time())
+        try:
+            with flag.installed():
+                yield handle
+            if not handle.finished:
+                raise Interrupted(f"{name} stopped on {flag.requested or 'a signal'}; its checkpoint is saved - rerun the same command to resume")
+        except (Interrupted, KeyboardInterrupt) as err:
+            run.end(name, "interrupted", error=str(err) or "interrupted")
+            raise
+        except NonFiniteLoss as err:
+            last = complete_checkpoints(stage_dir)
+            keep = f"the last good checkpoint is {last[-1].name}" if last else "no checkpoint was written yet"
+            message = f"{name}: {err}; {keep}. Lower the learning rate or check the data, then rerun"
+            run.end(name, "failed", error=message)
+            raise SddError(message) from None
+        except SddError as err:
+            run.end(name, "failed", error=str(err))
+            raise
+        except BaseException as err:
+            run.end(name, "failed", error=f"{type(err).__name__}: {err}")
+            raise
+
+
+def finish(stage: Stage, *, outputs: dict | None = None, metrics: dict | None = None) -> None:
+    stage.run.end(stage.name, "done", outputs=outputs, metrics={**(metrics or {}), "wall_time_s": round(stage.elapsed, 1)})
+    stage.finished = True

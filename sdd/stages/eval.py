@@ -1,0 +1,193 @@
+"""`sdd eval`: accuracy with error bars, recorded per problem so comparisons can be paired.
+
+The paper reports avg@16 without spread; sdd reports avg@k as the mean over seeds with the
+std over seeds, the std across the k sample sets, and unbiased pass@k. Every model is
+sampled on the same problems with the same seeds (0..n-1), and every completion is kept
+per problem, so `sdd report` can bootstrap paired differences between any two checkpoints.
+A seed's samples are written atomically once done, so a killed eval resumes by seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from sdd import data, stats
+from sdd.errors import SddError
+from sdd.manifest import RunDir, atomic_write_text
+from sdd.recipe import slug
+from sdd.stages import common
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    role: str = "student"
+    model: str | None = None
+    benchmark: list[str] = dataclasses.field(default_factory=lambda: ["math500"])
+    data_dir: str | None = None
+    problem_column: str | None = None
+    answer_column: str | None = None
+    samples: int = 16
+    seeds: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    max_new_tokens: int = 8192
+    greedy: bool = False
+    backend: str = "hf"
+    batch_size: int | None = None
+    limit: int | None = None
+    dtype: str = "auto"
+    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
+    trust_remote_code: bool = False
+
+
+def pass_ks(samples: int) -> list[int]:
+    ks, k = [], 1
+    while k < samples:
+        ks.append(k)
+        k *= 2
+    return [*ks, samples]
+
+
+def sample_and_score(model, tokenizer, records: list[dict], options: EvalOptions, seed: int, *, greedy: bool,
+                     label: str) -> list[dict]:
+    """One seed's completions for every problem, verified, as per-problem rows."""
+    from rich.progress import Progress
+
+    from sdd.generation import SamplingParams, generate
+    from sdd.verify import score_completions
+
+    n = 1 if greedy else options.samples
+    params = SamplingParams(
+        n=n, temperature=0.0 if greedy else options.temperature, top_p=1.0 if greedy else options.top_p,
+        top_k=0 if greedy else options.top_k, max_new_tokens=options.max_new_tokens, seed=seed,
+    )
+    prompts = [data.render_prompt(tokenizer, r["problem"], options.chat_template_kwargs) for r in records]
+    with Progress(transient=True) as progress:
+        task = progress.add_task(label, total=len(prompts) * n)
+        completions = generate(model, tokenizer, prompts, params, backend=options.backend,
+                               batch_size=options.batch_size, progress=lambda k: progress.advance(task, k))
+    texts = [c.text for group in completions for c in group]
+    golds = [r["answer"] for r in records for _ in range(n)]
+    scores = score_completions(texts, golds)
+    rows = []
+    for i, (record, group) in enumerate(zip(records, completions, strict=True)):
+        rows.append({
+            "id": record["id"], "answer": record["answer"],
+            "correct": [bool(s) for s in scores[i * n:(i + 1) * n]],
+            "truncated": [c.finish_reason == "length" for c in group],
+            "lengths": [len(c.token_ids) for c in group],
+            "completions": [c.text for c in group],
+        })
+    return rows
+
+
+def summarize(per_seed: dict[int, list[dict]], samples: int) -> dict:
+    """avg@k mean/std over seeds, std across sample sets, pass@k, truncation, mean length."""
+    seed_acc, set_std, pass_curves = [], [], []
+    ks = pass_ks(samples)
+    for rows in per_seed.values():
+        matrix = [row["correct"] for row in rows]
+        mean, spread = stats.avg_at_k(matrix)
+        seed_acc.append(mean)
+        set_std.append(spread)
+        pass_curves.append(stats.pass_at_k_curve(matrix, ks))
+    mean, std = stats.mean_std(seed_acc)
+    all_rows = [row for rows in per_seed.values() for row in rows]
+    flags = [t for row in all_rows for t in row["truncated"]]
+    lengths = [n for row in all_rows for n in row["lengths"]]
+    return {
+        f"avg@{samples}": mean,
+        f"avg@{samples}_std_seeds": std,
+        "sample_set_std": sum(set_std) / len(set_std),
+        "seeds": len(seed_acc),
+        "per_seed": seed_acc,
+        **{f"pass@{k}": sum(c[k] for c in pass_curves) / len(pass_curves) for k in ks},
+        "truncation_rate": sum(flags) / max(1, len(flags)),
+        "mean_completion_tokens": sum(lengths) / max(1, len(lengths)),
+        "problems": len(per_seed[next(iter(per_seed))]),
+    }
+
+
+def run(args: common.StageArgs) -> dict:
+    options, _ = common.resolve_options(("eval",), EvalOptions, None, args, {})
+    if options.samples < 1 or options.seeds < 1:
+        raise SddError("--samples and --seeds must be at least 1")
+    if options.backend not in ("hf", "vllm"):
+        raise SddError(f"--backend must be hf or vllm, not {options.backend!r}")
+    run_dir = RunDir(args.run)
+    run_dir.create()
+    checkpoint = common.resolve_checkpoint(run_dir, options.role, options.model)
+    source_name = checkpoint.from_stage or slug(Path(checkpoint.path).name)
+    sources = {
+        bench: data.resolve(bench, data_dir=options.data_dir, registered=run_dir.datasets(),
+                            problem_column=options.problem_column, answer_column=options.answer_column)
+        for bench in options.benchmark
+    }
+    benchmarks = {}
+    for bench, source in sources.items():
+        records, skipped = data.split_usable(
+            data.load(source, limit=options.limit), max_bad_fraction=0.05, where=source.describe()
+        )
+        benchmarks[bench] = (source, records, skipped)
+
+    from sdd.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint.path, trust_remote_code=options.trust_remote_code)
+    model = None
+    results = {}
+    for bench, (source, records, skipped) in benchmarks.items():
+        name = f"{args.name or 'eval-' + source_name}-{slug(bench)}"
+        inputs = {"model": checkpoint, "dataset": common.StageInput(source.describe())}
+        try:
+            with common.open_stage(args, name=name, stage="eval", role=options.role,
+                                   config={"sdd": options}, inputs=inputs) as stage:
+                if model is None and options.backend == "hf":
+                    import torch
+
+                    model = load_causal_lm(checkpoint.path, dtype=options.dtype,
+                                           trust_remote_code=options.trust_remote_code)
+                    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+                engine = model if options.backend == "hf" else checkpoint.path
+                provenance = {"model": stage.run.read()["stages"][name]["inputs"]["model"].get("fingerprint"),
+                              "options": common.cfg.to_jsonable(options)}
+                sampling = (engine, tokenizer, records, options)
+                per_seed = {}
+                for seed in range(options.seeds):
+                    per_seed[seed] = _seed_rows(stage.dir / f"samples-seed{seed}.jsonl", provenance, sampling, seed,
+                                                greedy=False, label=f"{bench} seed {seed}")
+                    if stage.flag.requested:
+                        return results
+                metrics = summarize(per_seed, options.samples)
+                if options.greedy:
+                    rows = _seed_rows(stage.dir / "samples-greedy.jsonl", provenance, sampling, 0,
+                                      greedy=True, label=f"{bench} greedy")
+                    metrics["greedy"] = sum(r["correct"][0] for r in rows) / len(rows)
+                metrics.update(benchmark=bench, evaluates=checkpoint.from_stage or checkpoint.path,
+                               skipped_unparsable_golds=skipped)
+                atomic_write_text(stage.dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+                common.finish(stage, metrics=metrics)
+                results[bench] = metrics
+        except common.StageSkipped as skip:
+            record = run_dir.stage(name) or {}
+            results[bench] = record.get("metrics", {})
+            print(skip)
+    return results
+
+
+def _seed_rows(path: Path, provenance: dict, sampling: tuple, seed: int, *, greedy: bool, label: str) -> list[dict]:
+    """Reuse a finished seed file written from the same model and options; else sample and write it."""
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            header = json.loads(lines[0])
+            if header.get("provenance") == provenance:
+                return [json.loads(line) for line in lines[1:]]
+        except (ValueError, IndexError):
+            pass
+    rows = sample_and_score(*sampling, seed, greedy=greedy, label=label)
+    text = json.dumps({"provenance": provenance}) + "\n" + "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write_text(path, text)
+    return rows

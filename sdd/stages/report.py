@@ -1,0 +1,215 @@
+"""`sdd report`: the experiment's table with the error bars the paper lacked.
+
+For every variant and benchmark: avg@k as mean ± std over training seeds, pass@k, and for the
+differences that carry the paper's claims (bridge vs direct GRPO, vs a raw or SFT teacher,
+each ablation vs the full bridge) a paired bootstrap 95% CI that resamples problems (paired:
+every variant saw the same problems with the same sampling seeds) and training seeds. A
+difference whose CI contains 0 is marked not significant, whatever its sign.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdd import stats
+from sdd.errors import SddError
+from sdd.manifest import MANIFEST_NAME, RunDir, atomic_write_text
+from sdd.recipe import COMPARISONS
+
+
+def eval_records(run_dir: Path) -> dict[str, dict]:
+    """Finished eval records of a run dir, by benchmark, with their per-problem correctness matrix."""
+    out = {}
+    for name, record in RunDir(run_dir).stages().items():
+        metrics = record.get("metrics", {})
+        if record.get("stage") != "eval" or record.get("status") != "done" or "benchmark" not in metrics:
+            continue
+        samples = run_dir / name / "samples-seed0.jsonl"
+        rows = [json.loads(line) for line in samples.read_text().splitlines()[1:]] if samples.is_file() else []
+        out[(name, metrics["benchmark"])] = {"metrics": metrics, "rows": rows}
+    return out
+
+
+def collect(root: Path) -> tuple[dict, dict]:
+    """variants[variant][benchmark][seed] -> eval entry; reference[name][benchmark] -> shared evals."""
+    variants: dict[str, dict[str, dict[int, dict]]] = {}
+    reference: dict[str, dict[str, dict]] = {}
+    for manifest in sorted(root.rglob(MANIFEST_NAME)):
+        run_dir = manifest.parent
+        rel = run_dir.relative_to(root).parts
+        for (name, bench), entry in eval_records(run_dir).items():
+            if len(rel) == 2 and rel[1].startswith("seed") and rel[1][4:].isdigit():
+                variants.setdefault(rel[0], {}).setdefault(bench, {})[int(rel[1][4:])] = entry
+            else:
+                label = name.removesuffix(f"-{bench}") if len(rel) == 0 else f"{'/'.join(rel)}:{name}"
+                reference.setdefault(label.removesuffix(f"-{bench}"), {})[bench] = entry
+    return variants, reference
+
+
+def per_problem(entry: dict) -> list[float]:
+    return [sum(row["correct"]) / len(row["correct"]) for row in entry["rows"]]
+
+
+def matrix(by_seed: dict[int, dict]):
+    """(seeds, problems) accuracy matrix, problems aligned by id across seeds."""
+    import numpy as np
+
+    seeds = sorted(by_seed)
+    ids = [row["id"] for row in by_seed[seeds[0]]["rows"]]
+    table = []
+    for seed in seeds:
+        acc = {row["id"]: sum(row["correct"]) / len(row["correct"]) for row in by_seed[seed]["rows"]}
+        table.append([acc[i] for i in ids])
+    return np.array(table), ids
+
+
+def accuracy_key(metrics: dict) -> str:
+    return next(k for k in metrics if k.startswith("avg@") and not k.endswith("_std_seeds"))
+
+
+def summarize_variant(by_seed: dict[int, dict]) -> dict:
+    key = accuracy_key(next(iter(by_seed.values()))["metrics"])
+    values = [by_seed[s]["metrics"][key] for s in sorted(by_seed)]
+    mean, std = stats.mean_std(values)
+    passes = sorted({k for e in by_seed.values() for k in e["metrics"] if k.startswith("pass@")},
+                    key=lambda k: int(k.split("@")[1]))
+    top = passes[-1] if passes else None
+    pass_mean = sum(by_seed[s]["metrics"][top] for s in by_seed) / len(by_seed) if top else None
+    return {"metric": key, "mean": mean, "std": std, "seeds": len(values), "per_seed": values,
+            "pass_metric": top, "pass_mean": pass_mean}
+
+
+def run(root: Path, *, out: Path | None = None, resamples: int = 10_000) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise SddError(f"{root} does not exist")
+    variants, reference = collect(root)
+    if not variants and not reference:
+        raise SddError(f"{root} holds no finished eval; run `sdd run` or `sdd eval` first")
+    out = Path(out or root / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    benchmarks = sorted({b for v in variants.values() for b in v} | {b for r in reference.values() for b in r})
+    summary: dict = {"root": str(root), "variants": {}, "reference": {}, "comparisons": []}
+    for variant, benches in sorted(variants.items()):
+        summary["variants"][variant] = {b: summarize_variant(by_seed) for b, by_seed in benches.items()}
+    for name, benches in sorted(reference.items()):
+        summary["reference"][name] = {b: {"metric": accuracy_key(e["metrics"]), "mean": e["metrics"][accuracy_key(e["metrics"])],
+                                          "std_seeds": e["metrics"].get(f"{accuracy_key(e['metrics'])}_std_seeds")}
+                                      for b, e in benches.items()}
+    for a, b in COMPARISONS:
+        for bench in benchmarks:
+            if bench not in variants.get(a, {}) or bench not in variants.get(b, {}):
+                continue
+            m_a, ids_a = matrix(variants[a][bench])
+            m_b, ids_b = matrix(variants[b][bench])
+            if ids_a != ids_b:
+                raise SddError(f"{a} and {b} were evaluated on different {bench} problems; re-run their evals")
+            ci = stats.bootstrap_diff_ci(m_a, m_b, n_resamples=resamples, seed=0)
+            summary["comparisons"].append({"variant": a, "reference": b, "benchmark": bench, **ci})
+    summary["curves"] = training_curves(root)
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2, default=float) + "\n")
+    markdown = render_markdown(summary, benchmarks)
+    plots = plot(summary, benchmarks, out)
+    markdown += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    atomic_write_text(out / "report.md", markdown)
+    print(markdown)
+    print(f"written: {out / 'report.md'}, {out / 'report.json'}" + "".join(f", {p}" for p in plots))
+    return summary
+
+
+def render_markdown(summary: dict, benchmarks: list[str]) -> str:
+    lines = ["# sdd report", "", f"Root: `{summary['root']}`", ""]
+    lines += ["## Accuracy per variant (mean ± std over training seeds)", ""]
+    header = "| variant | " + " | ".join(benchmarks) + " |"
+    lines += [header, "|---" * (len(benchmarks) + 1) + "|"]
+    for variant, benches in summary["variants"].items():
+        cells = []
+        for bench in benchmarks:
+            s = benches.get(bench)
+            if not s:
+                cells.append("")
+                continue
+            cell = f"{s['metric']} {100 * s['mean']:.1f} ± {100 * s['std']:.1f} (n={s['seeds']})"
+            if s.get("pass_metric"):
+                cell += f"; {s['pass_metric']} {100 * s['pass_mean']:.1f}"
+            cells.append(cell)
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if summary["reference"]:
+        lines += ["", "## Shared checkpoints", "", header, "|---" * (len(benchmarks) + 1) + "|"]
+        for name, benches in summary["reference"].items():
+            cells = [f"{benches[b]['metric']} {100 * benches[b]['mean']:.1f}" if b in benches else "" for b in benchmarks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if summary["comparisons"]:
+        lines += ["", "## Paired differences (bootstrap over problems and seeds, 95% CI)", "",
+                  "| comparison | benchmark | difference (points) | 95% CI | significant |", "|---|---|---|---|---|"]
+        for c in summary["comparisons"]:
+            verdict = "yes" if c["significant"] else "no (CI contains 0)"
+            lines.append(f"| {c['variant']} − {c['reference']} | {c['benchmark']} | {100 * c['diff']:+.1f} | "
+                         f"[{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+CURVE_KEYS = {"sft": "loss", "teacher-rl": "reward", "student-rl": "reward", "warmup": "forward_kl",
+              "distill": "reverse_kl"}
+
+
+def training_curves(root: Path) -> dict:
+    """Logged training curves per stage kind, keyed by run dir and stage, for the plots."""
+    curves: dict[str, dict[str, list]] = {}
+    for manifest in sorted(root.rglob(MANIFEST_NAME)):
+        run_dir = manifest.parent
+        for name, record in RunDir(run_dir).stages().items():
+            key = CURVE_KEYS.get(record.get("stage"))
+            log = run_dir / name / "log.jsonl"
+            if not key or not log.is_file():
+                continue
+            points = [(e["step"], e[key]) for e in map(json.loads, log.read_text().splitlines()) if key in e]
+            if points:
+                label = f"{run_dir.relative_to(root).as_posix()}/{name}".lstrip("./")
+                curves.setdefault(f"{record['stage']}:{key}", {})[label] = points
+    return curves
+
+
+def plot(summary: dict, benchmarks: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for bench in benchmarks:
+        names = [v for v, b in summary["variants"].items() if bench in b]
+        if not names:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+        means = [100 * summary["variants"][v][bench]["mean"] for v in names]
+        stds = [100 * summary["variants"][v][bench]["std"] for v in names]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4477aa")
+        for i, v in enumerate(names):
+            ax.scatter([i] * len(summary["variants"][v][bench]["per_seed"]),
+                       [100 * x for x in summary["variants"][v][bench]["per_seed"]], color="black", s=10, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_ylabel(f"{summary['variants'][names[0]][bench]['metric']} (%)")
+        ax.set_title(f"{bench}: mean ± std over seeds (dots: seeds)")
+        fig.tight_layout()
+        path = out / f"accuracy-{bench}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    for curve, series in summary["curves"].items():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, points in sorted(series.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1)
+        stage, key = curve.split(":")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{stage}: {key}")
+        if len(series) <= 12:
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = out / f"curve-{stage}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,176 @@
+"""GRPO with the math verifier as reward: what `sdd teacher-rl` and `sdd student-rl` share.
+
+TRL's GRPOTrainer does the training; sdd adds the reward (the verifier), the paper's
+defaults, and a difficulty gate. The gate exists because of what GRPO's group-normalised
+advantage does with extremes: a prompt the policy never solves gives every completion the
+same zero reward (no gradient, or a degenerate shortcut when something is rewarded by
+accident), and a prompt it always solves carries no signal either. Measuring the pass rate
+once before training and keeping only prompts in between spends the rollouts where reward
+can teach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from sdd import data
+from sdd.errors import SddError
+from sdd.manifest import RunDir, atomic_write_text
+from sdd.stages import common
+
+
+@dataclasses.dataclass
+class RlOptions:
+    model: str | None = None
+    dataset: str = "math-train"
+    data_dir: str | None = None
+    problem_column: str | None = None
+    answer_column: str | None = None
+    limit: int | None = None
+    max_bad_answers: float = 0.05
+    gate: bool = False
+    gate_samples: int = 8
+    gate_temperature: float = 1.0
+    backend: str = "hf"
+    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
+    trust_remote_code: bool = False
+
+
+# The paper's authors' recipe: DAPO token-mean loss, asymmetric clipping, no KL term, 8 rollouts
+# per prompt at temperature 1.0, lr 1e-6, weight decay 0.1, gradient clipping at 1.0.
+DEFAULTS = {
+    "loss_type": "dapo",
+    "epsilon": 0.2,
+    "epsilon_high": 0.28,
+    "beta": 0.0,
+    "num_generations": 8,
+    "temperature": 1.0,
+    "learning_rate": 1e-6,
+    "weight_decay": 0.1,
+    "max_grad_norm": 1.0,
+    "max_completion_length": 4096,
+    "logging_steps": 5,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "gradient_checkpointing": False,
+}
+
+HEADLINE = ("reward", "completions/clipped_ratio", "entropy")
+
+
+def reward_function():
+    """The verifier as a TRL reward, also logging how many prompt groups had any correct rollout."""
+    from sdd.verify import math_reward
+
+    def math_verify_reward(prompts, completions, answer, log_metric=None, **kwargs):
+        rewards = math_reward(prompts, completions, answer, **kwargs)
+        if log_metric is not None:
+            groups: dict[str, list[float]] = {}
+            for prompt, reward in zip(prompts, rewards, strict=True):
+                groups.setdefault(prompt if isinstance(prompt, str) else json.dumps(prompt), []).append(reward)
+            log_metric("solve_rate/any_in_group", sum(max(g) > 0 for g in groups.values()) / len(groups))
+        return rewards
+
+    return math_verify_reward
+
+
+def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_tokens: int, path: Path) -> tuple[list[dict], dict]:
+    """Keep prompts whose measured pass rate is strictly between 0 and 1; cached so a resume sees the same set."""
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("options") == [options.gate_samples, options.gate_temperature, max_new_tokens, len(rows)]:
+            keep = set(cached["kept_ids"])
+            return [r for r in rows if r["id"] in keep], cached["buckets"]
+    from sdd.generation import SamplingParams, generate
+    from sdd.verify import score_completions
+
+    params = SamplingParams(n=options.gate_samples, temperature=options.gate_temperature, top_p=1.0, top_k=0,
+                            max_new_tokens=max_new_tokens, seed=0)
+    completions = generate(model, tokenizer, [r["prompt"] for r in rows], params, backend="hf")
+    texts = [c.text for group in completions for c in group]
+    scores = score_completions(texts, [r["answer"] for r in rows for _ in range(options.gate_samples)])
+    kept, buckets = [], {"never": 0, "sometimes": 0, "always": 0}
+    for i, row in enumerate(rows):
+        rate = sum(scores[i * options.gate_samples:(i + 1) * options.gate_samples]) / options.gate_samples
+        bucket = "never" if rate == 0 else "always" if rate == 1 else "sometimes"
+        buckets[bucket] += 1
+        if bucket == "sometimes":
+            kept.append(row)
+    buckets["kept"] = len(kept)
+    atomic_write_text(path, json.dumps({
+        "options": [options.gate_samples, options.gate_temperature, max_new_tokens, len(rows)],
+        "buckets": buckets, "kept_ids": [r["id"] for r in kept],
+    }))
+    if not kept:
+        raise SddError(f"the difficulty gate kept no prompts ({buckets}); train without --gate or on other data")
+    return kept, buckets
+
+
+def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...]) -> dict:
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sdd.generation import trainer_generation_options
+
+    name = args.name or stage
+    options, trl_kwargs = common.resolve_options((stage, name), RlOptions, GRPOConfig, args, {
+        **common.device_defaults(), **DEFAULTS,
+    })
+    if options.backend not in ("hf", "vllm"):
+        raise SddError(f"backend must be hf or vllm, not {options.backend!r}")
+    trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
+                  "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
+    trl_config = common.cfg.build_trl_config(GRPOConfig, trl_kwargs)
+    run_dir = RunDir(args.run)
+    start = common.resolve_checkpoint(run_dir, role, options.model, exclude=name, prefer=prefer)
+    source = data.resolve(options.dataset, data_dir=options.data_dir, registered=run_dir.datasets(),
+                          problem_column=options.problem_column, answer_column=options.answer_column)
+    records, skipped = data.split_usable(data.load(source, limit=options.limit),
+                                         max_bad_fraction=options.max_bad_answers, where=source.describe())
+    if skipped:
+        print(f"warning: skipped {skipped} problems of {source.describe()} whose gold answer cannot be parsed")
+
+    from sdd.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(start.path, trust_remote_code=options.trust_remote_code)
+    rows = [{"id": r["id"], "prompt": data.render_prompt(tokenizer, r["problem"], options.chat_template_kwargs),
+             "answer": r["answer"]} for r in records]
+    resolved = {"sdd": options, "trl": trl_config.to_dict()}
+    inputs = {"model": start, "dataset": common.StageInput(source.describe())}
+    with common.open_stage(args, name=name, stage=stage, role=role, config=resolved, inputs=inputs) as handle:
+        from datasets import Dataset
+
+        model = load_causal_lm(start.path, trust_remote_code=options.trust_remote_code)
+        metrics: dict = {"skipped_unparsable_golds": skipped}
+        if options.gate:
+            rows, buckets = apply_gate(model, tokenizer, rows, options, trl_config.max_completion_length,
+                                       handle.dir / "gate.json")
+            metrics["gate"] = buckets
+        trainer = common.guarded(GRPOTrainer)(
+            model=model, reward_funcs=[reward_function()], args=trl_config,
+            train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]),
+            processing_class=tokenizer,
+            callbacks=common.make_callbacks(handle.flag, handle.dir, name, HEADLINE),
+        )
+        common.quiet_trainer(trainer)
+        resume = common.resume_point(handle.dir)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if handle.flag.requested:
+            return {}
+        final = common.save_final(trainer, handle.dir / "final")
+        metrics.update(common.summarize_logs(trainer.state.log_history, {
+            "reward": "reward", "solve_rate_any": "solve_rate/any_in_group",
+            "truncation_rate": "completions/clipped_ratio", "entropy": "entropy",
+            "mean_completion_tokens": "completions/mean_length",
+        }))
+        metrics.update(reward_first=_first(trainer.state.log_history, "reward"), steps=trainer.state.global_step,
+                       tokens=trainer.state.num_input_tokens_seen, prompts=len(rows))
+        common.finish(handle, outputs=handle.output(role, final), metrics=metrics)
+        return metrics
+
+
+def _first(log_history: list[dict], key: str) -> float | None:
+    return next((entry[key] for entry in log_history if key in entry), None)

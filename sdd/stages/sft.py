@@ -1,0 +1,96 @@
+"""`sdd sft`: supervised fine-tuning on worked solutions (TRL SFTTrainer).
+
+Two jobs: bootstrap the toy models to partial competence (GRPO gets no signal from a model
+that never writes `\\boxed{}`), and the paper's SFT-teacher control, a teacher trained on the
+same labelled data by imitation instead of by reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sdd import data
+from sdd.errors import SddError
+from sdd.manifest import RunDir
+from sdd.models import load_causal_lm, load_tokenizer
+from sdd.stages import common
+
+ROLES = ("teacher", "student")
+
+
+@dataclasses.dataclass
+class SftOptions:
+    role: str = "teacher"
+    model: str | None = None
+    dataset: str = "math-train"
+    data_dir: str | None = None
+    problem_column: str | None = None
+    answer_column: str | None = None
+    limit: int | None = None
+    max_bad_answers: float = 0.05
+    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
+    trust_remote_code: bool = False
+
+
+DEFAULTS = {
+    "learning_rate": 1e-5,
+    "num_train_epochs": 1,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "gradient_checkpointing": False,
+}
+
+
+def run(args: common.StageArgs) -> dict:
+    from trl import SFTConfig, SFTTrainer
+
+    role = args.cli.get("role") or args.recipe.get("role") or "teacher"
+    if role not in ROLES:
+        raise SddError(f"--role must be teacher or student, not {role!r}")
+    name = args.name or f"sft-{role}"
+    options, trl_kwargs = common.resolve_options(
+        ("sft", name), SftOptions, SFTConfig, args, {**common.device_defaults(), **DEFAULTS}
+    )
+    run_dir = RunDir(args.run)
+    start = common.resolve_checkpoint(run_dir, options.role, options.model)
+    source = data.resolve(
+        options.dataset, data_dir=options.data_dir, registered=run_dir.datasets(),
+        problem_column=options.problem_column, answer_column=options.answer_column,
+    )
+    records = data.load(source, limit=options.limit, require_solution=True)
+    stage_dir = run_dir.path / name
+    trl_kwargs = {**trl_kwargs, "output_dir": str(stage_dir)}
+    trl_config = common.cfg.build_trl_config(SFTConfig, trl_kwargs)
+
+    tokenizer = load_tokenizer(start.path, trust_remote_code=options.trust_remote_code)
+    rows = [
+        {"prompt": data.render_prompt(tokenizer, r["problem"], options.chat_template_kwargs), "completion": r["solution"]}
+        for r in records
+    ]
+    resolved = {"sdd": options, "trl": trl_config.to_dict()}
+    inputs = {"model": start, "dataset": common.StageInput(source.describe())}
+    with common.open_stage(args, name=name, stage="sft", role=options.role, config=resolved, inputs=inputs) as stage:
+        from datasets import Dataset
+
+        model = load_causal_lm(start.path, trust_remote_code=options.trust_remote_code)
+        trainer = common.guarded(SFTTrainer)(
+            model=model, args=trl_config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+            callbacks=common.make_callbacks(stage.flag, stage.dir, name, ("loss", "mean_token_accuracy")),
+        )
+        common.quiet_trainer(trainer)
+        resume = common.resume_point(stage.dir)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if stage.flag.requested:
+            return {}
+        final = common.save_final(trainer, stage.dir / "final")
+        metrics = common.summarize_logs(
+            trainer.state.log_history, {"loss": "loss", "token_accuracy": "mean_token_accuracy"}
+        )
+        metrics.update(steps=trainer.state.global_step, examples=len(rows))
+        common.finish(stage, outputs=stage.output(options.role, final), metrics=metrics)
+        return metrics
