@@ -208,12 +208,16 @@ def report(
 def toy_init(
     run: Annotated[Path, typer.Argument(help="Run directory to create.")],
     seed: Annotated[int, typer.Option(help="Seed for data and initial weights.")] = 0,
+    min_terms: Annotated[int | None, typer.Option(help="Fewest numbers in a chain (difficulty dial; default 3).")] = None,
+    max_terms: Annotated[int | None, typer.Option(help="Most numbers in a chain (default 6).")] = None,
+    train: Annotated[int | None, typer.Option(help="Training problems (default 4000).")] = None,
+    test: Annotated[int | None, typer.Option(help="Test problems (default 200).")] = None,
     force: Force = False,
 ) -> None:
     """Tiny tokenizer, teacher and student, and synthetic verifiable arithmetic, all local."""
     from sdd.stages import toy_init as stage
 
-    stage.run(run, seed=seed, force=force)
+    stage.run(run, seed=seed, force=force, min_terms=min_terms, max_terms=max_terms, n_train=train, n_test=test)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -346,7 +346,8 @@ class RunDir:
         assert status in STATUSES
 
         def change(data: dict) -> None:
-            record = data["stages"][name]
+            # setdefault: the manifest may have been replaced under a running stage (a user restoring a backup)
+            record = data["stages"].setdefault(name, {"name": name, "attempts": 1})
             record["status"] = status
             record["ended_at"] = now_iso()
             if outputs is not None:

@@ -157,6 +157,38 @@ def device_defaults() -> dict[str, Any]:
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
+ORIGIN_FILE = "origin.json"
+
+
+def check_resumable(stage_dir: Path, inputs: dict, config: dict) -> None:
+    """Refuse to resume checkpoints that were made from other inputs or options.
+
+    Resuming silently from a checkpoint of another teacher (a run dir reused, a stage rerun
+    after its input was retrained) gives a model that matches no record. The stage folder keeps
+    what its checkpoints were made from; a mismatch is an error that names the difference.
+    """
+    origin = {
+        "inputs": {k: v.get("fingerprint", v.get("path")) for k, v in inputs.items()},
+        "sdd": cfg.to_jsonable(config.get("sdd", {})),
+    }
+    path = stage_dir / ORIGIN_FILE
+    if complete_checkpoints(stage_dir) or any(stage_dir.glob("checkpoint-*")):
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != origin:
+            changed = sorted(k for k in set(origin["inputs"]) | set((recorded or {}).get("inputs", {}))
+                             if origin["inputs"].get(k) != (recorded or {}).get("inputs", {}).get(k))
+            what = f"other {', '.join(changed)}" if changed else "other options" if recorded else "an unknown origin"
+            raise SddError(
+                f"{stage_dir} holds checkpoints made from {what}; rerun with --force to discard them and start over"
+            )
+        return
+    from sdd.manifest import atomic_write_text
+
+    atomic_write_text(path, json.dumps(origin, indent=2, default=str))
+
 def complete_checkpoints(stage_dir: Path) -> list[Path]:
     """Checkpoints whose save finished, oldest first (Trainer writes trainer_state.json last)."""
     found = []
@@ -383,11 +415,13 @@ def open_stage(args: StageArgs, *, name: str, stage: str, role: str | None, conf
         raise StageSkipped(f"{name} is done in {run.path} (use --force to redo it, or --name for another variant)")
     lock = run.lock(name) if is_main_process() else contextlib.nullcontext()
     with lock:
-        if args.force and record and record["status"] == "done" and is_main_process():
+        if args.force and is_main_process():
             for old in stage_dir.glob("checkpoint-*"):
                 shutil.rmtree(old, ignore_errors=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
         input_records = {key: value.record(args.trust_changed) for key, value in inputs.items()}
+        if is_main_process():
+            check_resumable(stage_dir, input_records, config)
         run.begin(name, stage=stage, role=role, config=cfg.to_jsonable(config), inputs=input_records)
         flag = PreemptionFlag()
         handle = Stage(run, name, stage_dir, flag, time.time())

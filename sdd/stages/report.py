@@ -15,7 +15,7 @@ from pathlib import Path
 from sdd import stats
 from sdd.errors import SddError
 from sdd.manifest import MANIFEST_NAME, RunDir, atomic_write_text
-from sdd.recipe import COMPARISONS
+from sdd.recipe import BUILTIN_VARIANTS, COMPARISONS
 
 
 def eval_records(run_dir: Path) -> dict[str, dict]:
@@ -91,8 +91,9 @@ def run(root: Path, *, out: Path | None = None, resamples: int = 10_000) -> dict
     out.mkdir(parents=True, exist_ok=True)
     benchmarks = sorted({b for v in variants.values() for b in v} | {b for r in reference.values() for b in r})
     summary: dict = {"root": str(root), "variants": {}, "reference": {}, "comparisons": []}
-    for variant, benches in sorted(variants.items()):
-        summary["variants"][variant] = {b: summarize_variant(by_seed) for b, by_seed in benches.items()}
+    order = list(BUILTIN_VARIANTS)  # the paper's order: full method, controls, then ablations
+    for variant in sorted(variants, key=lambda v: (order.index(v) if v in order else len(order), v)):
+        summary["variants"][variant] = {b: summarize_variant(by_seed) for b, by_seed in variants[variant].items()}
     for name, benches in sorted(reference.items()):
         summary["reference"][name] = {b: {"metric": accuracy_key(e["metrics"]), "mean": e["metrics"][accuracy_key(e["metrics"])],
                                           "std_seeds": e["metrics"].get(f"{accuracy_key(e['metrics'])}_std_seeds")}
@@ -136,7 +137,8 @@ def render_markdown(summary: dict, benchmarks: list[str]) -> str:
             cells.append(cell)
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     if summary["reference"]:
-        lines += ["", "## Shared checkpoints", "", header, "|---" * (len(benchmarks) + 1) + "|"]
+        lines += ["", "## Shared checkpoints", "", "| checkpoint | " + " | ".join(benchmarks) + " |",
+                  "|---" * (len(benchmarks) + 1) + "|"]
         for name, benches in summary["reference"].items():
             cells = [f"{benches[b]['metric']} {100 * benches[b]['mean']:.1f}" if b in benches else "" for b in benchmarks]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")

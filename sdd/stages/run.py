@@ -11,10 +11,12 @@ runs each training job as its own process under a launcher instead (`accelerate 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import json
 import multiprocessing
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from sdd.errors import SddError
 from sdd.manifest import RunDir
 
 OK, SKIPPED, FAILED, INTERRUPTED = "ok", "skipped", "failed", "interrupted"
+EXIT_INTERRUPTED_CODE = 75  # sdd.stages.common.EXIT_INTERRUPTED, without importing torch-heavy modules here
 
 
 class JobsFailed(SddError):
@@ -71,9 +74,23 @@ def register_datasets(run_dir: Path, datasets: dict[str, str]) -> None:
 
 # -- workers ------------------------------------------------------------------------------------
 def _worker_init(threads: int) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        # A worker whose `sdd run` died (SIGKILL, lost node shell) must not train on unsupervised:
+        # stop it the way preemption does, so it checkpoints and its stage is marked interrupted.
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(600)
+        os._exit(EXIT_INTERRUPTED_CODE)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
 
 
 def run_in_process(argv: list[str]) -> tuple[str, str]:
@@ -130,11 +147,28 @@ def execute(jobs: list[recipes.Job], datasets: dict[str, str], *, workers: int, 
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
     running: dict[futures.Future, tuple[recipes.Job, float]] = {}
+    stopping: list[str] = []
     with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                      initargs=(threads,)) as pool:
+
+        def forward(signum, frame) -> None:
+            """Stop dispatching; pass the signal on so running stages checkpoint and stop."""
+            if stopping and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            stopping.append(signal.Signals(signum).name)
+            console.print(f"[magenta]{stopping[-1]}: letting running jobs checkpoint, starting no new ones")
+            # Always SIGTERM: after a terminal's Ctrl-C the workers already got one SIGINT, and a
+            # second SIGINT would make them abort instead of checkpointing.
+            for process in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while pending or running:
+            while (pending and not stopping) or running:
                 for job in list(pending):
+                    if stopping:
+                        break
                     if len(running) >= workers:
                         break
                     if any(outcome.get(d) in (FAILED, INTERRUPTED, "blocked") for d in job.after):
@@ -169,6 +203,11 @@ def execute(jobs: list[recipes.Job], datasets: dict[str, str], *, workers: int, 
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    for job in pending:
+        outcome.setdefault(job.id, INTERRUPTED if stopping else "blocked")
     return outcome
 
 
