@@ -204,6 +204,24 @@ def report(
     stage.run(root, out=out, resamples=resamples)
 
 
+@app.command()
+def analyze(
+    path: Annotated[Path, typer.Argument(help="A run dir, or the root of `sdd run` (every variant and seed).")],
+    from_: Annotated[str | None, typer.Option("--from", help="Earlier stage (a stage name in the run dir).")] = None,
+    to: Annotated[str | None, typer.Option(help="Later stage; with --from, analyse just this pair.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Samples per problem for pass@k curves and diversity (K).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
+    benchmark: Annotated[str | None, typer.Option(help="Problems to sample on (default: the run's eval benchmark).")] = None,
+    data_dir: DataDir = None,
+    force: Force = False,
+) -> None:
+    """What each stage changed and what it lost: update sparsity, pass@k boundary, diversity, teacher KL."""
+    from sdd.stages import analyze as stage
+
+    stage.run(path, from_stage=from_, to_stage=to, samples=samples, limit=limit, benchmark=benchmark,
+              data_dir=data_dir, force=force)
+
+
 @toy_app.command("init")
 def toy_init(
     run: Annotated[Path, typer.Argument(help="Run directory to create.")],

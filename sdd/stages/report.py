@@ -112,7 +112,14 @@ def run(root: Path, *, out: Path | None = None, resamples: int = 10_000) -> dict
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2, default=float) + "\n")
     markdown = render_markdown(summary, benchmarks)
     plots = plot(summary, benchmarks, out)
-    markdown += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    from sdd.stages.analyze import report_section  # what each stage changed, where `sdd analyze` ran
+
+    analysis_markdown, analysis_data, analysis_plots = report_section(root, out)
+    if analysis_markdown:
+        markdown += "\n" + analysis_markdown
+        summary["analysis"] = analysis_data
+        atomic_write_text(out / "report.json", json.dumps(summary, indent=2, default=float) + "\n")
+    markdown += "".join(f"\n![{p.stem}]({p.name})\n" for p in [*plots, *analysis_plots])
     atomic_write_text(out / "report.md", markdown)
     print(markdown)
     print(f"written: {out / 'report.md'}, {out / 'report.json'}" + "".join(f", {p}" for p in plots))
