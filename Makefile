@@ -28,13 +28,10 @@ test-slow: install
 lint: install
 	$(BIN)/ruff check sdd tests benchmarks
 
+# The toy experiment end to end: every variant, SEEDS seeds, two jobs side by side, then the report.
 demo: install
-	$(BIN)/sdd toy init runs/toy
-	$(BIN)/sdd sft --run runs/toy --role teacher
-	$(BIN)/sdd sft --run runs/toy --role student
-	$(BIN)/sdd eval --run runs/toy --role teacher --seeds 3
-	$(BIN)/sdd eval --run runs/toy --role student --seeds 3
-	$(BIN)/sdd status runs/toy
+	$(BIN)/sdd run examples/recipes/toy.yaml --root $(DEMO_ROOT) --seeds $(SEEDS) --jobs 2
+	$(BIN)/sdd report $(DEMO_ROOT)
 
 clean:
 	rm -rf runs

@@ -129,8 +129,9 @@ def distillation_trainer(base_cls):
     return Distiller
 
 
-def run(args: common.StageArgs) -> dict:
-    from trl import DistillationConfig, DistillationTrainer
+def configure(args: common.StageArgs):
+    """(stage name, sdd options, DistillationConfig): every layer resolved, nothing loaded yet."""
+    from trl import DistillationConfig
 
     from sdd.generation import trainer_generation_options
 
@@ -140,11 +141,20 @@ def run(args: common.StageArgs) -> dict:
     })
     if options.estimator not in ESTIMATORS:
         raise SddError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {options.estimator!r}")
+    if options.backend not in ("hf", "vllm"):
+        raise SddError(f"backend must be hf or vllm, not {options.backend!r}")
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
                   "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
     trl_config = common.cfg.build_trl_config(DistillationConfig, trl_kwargs)
     if options.estimator == "sampled-token" and trl_config.beta != 1.0:
         raise SddError("the sampled-token estimator is a reverse-KL estimator: leave beta at 1.0 with it")
+    return name, options, trl_config
+
+
+def run(args: common.StageArgs) -> dict:
+    from trl import DistillationTrainer
+
+    name, options, trl_config = configure(args)
     run_dir = RunDir(args.run)
     teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
     student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name, prefer=("warmup",))

@@ -110,8 +110,9 @@ def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_t
     return kept, buckets
 
 
-def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...]) -> dict:
-    from trl import GRPOConfig, GRPOTrainer
+def configure(args: common.StageArgs, stage: str):
+    """(stage name, sdd options, GRPOConfig): every layer resolved, nothing loaded yet."""
+    from trl import GRPOConfig
 
     from sdd.generation import trainer_generation_options
 
@@ -121,9 +122,16 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
     })
     if options.backend not in ("hf", "vllm"):
         raise SddError(f"backend must be hf or vllm, not {options.backend!r}")
+    # The backend picks TRL's rollout engine; explicit TRL fields (use_vllm, vllm_mode, ...) still win.
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
                   "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
-    trl_config = common.cfg.build_trl_config(GRPOConfig, trl_kwargs)
+    return name, options, common.cfg.build_trl_config(GRPOConfig, trl_kwargs)
+
+
+def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...]) -> dict:
+    from trl import GRPOTrainer
+
+    name, options, trl_config = configure(args, stage)
     run_dir = RunDir(args.run)
     start = common.resolve_checkpoint(run_dir, role, options.model, exclude=name, prefer=prefer)
     source = data.resolve(options.dataset, data_dir=options.data_dir, registered=run_dir.datasets(),

@@ -36,7 +36,8 @@ TOY_CONFIG = {
     "sft-teacher": {"max_steps": 350},
     "sft-student": {"max_steps": 450},
     # The SFT-teacher control: as many more supervised steps as the RL teacher gets RL steps.
-    "teacher-sft": {"max_steps": 60, "learning_rate": 5.0e-4, "warmup_steps": 0, "lr_scheduler_type": "cosine"},
+    "teacher-sft": {"max_steps": 60, "learning_rate": 5.0e-4, "warmup_steps": 0, "lr_scheduler_type": "cosine",
+                    "lr_scheduler_kwargs": {}},
     "teacher-rl": {
         "dataset": "toy-train", "max_steps": 60, "learning_rate": 2.0e-4, "num_generations": 8,
         "per_device_train_batch_size": 64, "max_completion_length": 64, "logging_steps": 5, "save_steps": 20,

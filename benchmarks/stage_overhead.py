@@ -1,0 +1,153 @@
+"""What sdd adds to a training step: the same TRL trainer, bare and as sdd builds it, side by side.
+
+For each stage the bare trainer is TRL's own class with the stage's resolved config; the sdd
+trainer adds what the stage adds per step: the non-finite-loss guard, the preemption callback
+(with its cross-rank agreement), the log-to-disk and progress callbacks, and for distill sdd's
+loss (padded-vocab slicing, teacher NLL and truncation logging). Model loading and data
+preparation are identical and excluded: `train_runtime` of `trainer.train()` is compared.
+Runs alternate bare/sdd `--repeats` times; the median ratio is reported.
+
+    python benchmarks/stage_overhead.py --steps 20 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def toy(root: Path) -> Path:
+    from sdd.stages import toy_init
+
+    run = root / "run"
+    toy_init.run(run, seed=0)
+    return run
+
+
+def sft_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from sdd import data
+    from sdd.models import load_causal_lm, load_tokenizer
+    from sdd.stages import common
+
+    model_path = str(run / "toy" / "teacher-base")
+    tokenizer = load_tokenizer(model_path)
+    records = data.load(data.resolve(str(run / "toy" / "data" / "train.jsonl")))[:512]
+    rows = [{"prompt": data.render_prompt(tokenizer, r["problem"]), "completion": r["solution"]} for r in records]
+    config = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32, bf16=False,
+                       use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
+                       logging_steps=5, disable_tqdm=True)
+    cls = common.guarded(SFTTrainer) if sdd_side else SFTTrainer
+    trainer = cls(model=load_causal_lm(model_path), args=config, train_dataset=Dataset.from_list(rows),
+                  processing_class=tokenizer)
+    if sdd_side:
+        flag = common.PreemptionFlag()
+        for callback in common.make_callbacks(flag, out, "sft", ("loss",)):
+            trainer.add_callback(callback)
+        common.quiet_trainer(trainer)
+    return trainer
+
+
+def grpo_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sdd import data
+    from sdd.models import load_causal_lm, load_tokenizer
+    from sdd.stages import common, rl
+    from sdd.verify import math_reward
+
+    model_path = str(run / "toy" / "student-base")
+    tokenizer = load_tokenizer(model_path)
+    records = data.load(data.resolve(str(run / "toy" / "data" / "train.jsonl")))[:512]
+    rows = [{"prompt": data.render_prompt(tokenizer, r["problem"]), "answer": r["answer"]} for r in records]
+    config = GRPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32, num_generations=8,
+                        max_completion_length=48, bf16=False, use_cpu=not torch.cuda.is_available(),
+                        report_to="none", save_strategy="no", logging_steps=5, disable_tqdm=True,
+                        **{k: v for k, v in rl.DEFAULTS.items() if k in ("loss_type", "epsilon", "epsilon_high", "beta")})
+    reward = rl.reward_function() if sdd_side else math_reward
+    cls = common.guarded(GRPOTrainer) if sdd_side else GRPOTrainer
+    trainer = cls(model=load_causal_lm(model_path), reward_funcs=[reward], args=config,
+                  train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    if sdd_side:
+        flag = common.PreemptionFlag()
+        for callback in common.make_callbacks(flag, out, "grpo", rl.HEADLINE):
+            trainer.add_callback(callback)
+        common.quiet_trainer(trainer)
+    return trainer
+
+
+def distill_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    from sdd import data
+    from sdd.models import load_causal_lm, load_tokenizer
+    from sdd.stages import common, distill
+
+    student_path, teacher_path = str(run / "toy" / "student-base"), str(run / "toy" / "teacher-base")
+    tokenizer = load_tokenizer(student_path)
+    records = data.load(data.resolve(str(run / "toy" / "data" / "train.jsonl")))[:512]
+    rows = [{"prompt": data.render_prompt(tokenizer, r["problem"])} for r in records]
+    config = DistillationConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=16,
+                                max_completion_length=48, bf16=False, use_cpu=not torch.cuda.is_available(),
+                                report_to="none", save_strategy="no", logging_steps=5, disable_tqdm=True,
+                                gradient_checkpointing=False)
+    student, teacher = load_causal_lm(student_path), load_causal_lm(teacher_path)
+    kwargs = dict(model=student, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    if not sdd_side:
+        return DistillationTrainer(teacher_model=teacher, **kwargs)
+    trainer = distill.distillation_trainer(common.guarded(DistillationTrainer))(
+        teacher_model=teacher, vocab_size=len(tokenizer), estimator="full-vocab", **kwargs)
+    flag = common.PreemptionFlag()
+    for callback in common.make_callbacks(flag, out, "distill", distill.HEADLINE):
+        trainer.add_callback(callback)
+    common.quiet_trainer(trainer)
+    return trainer
+
+
+BUILDERS = {"sft": sft_trainer, "grpo": grpo_trainer, "distill": distill_trainer}
+
+
+def time_train(builder, run: Path, steps: int, sdd_side: bool, out: Path) -> float:
+    torch.manual_seed(0)
+    trainer = builder(run, steps, sdd_side, out)
+    start = time.perf_counter()
+    trainer.train()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stages", default="sft,grpo,distill")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="sdd-overhead-"))
+    run = toy(root)
+    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads {args.threads}, "
+          f"{args.steps} steps, {args.repeats} alternating repeats", file=sys.stderr)
+    print("| stage | bare TRL s/step (median) | through sdd s/step (median) | sdd / bare |")
+    print("|---|---:|---:|---:|")
+    for stage in args.stages.split(","):
+        bare, ours = [], []
+        for i in range(args.repeats):
+            bare.append(time_train(BUILDERS[stage], run, args.steps, False, root / f"{stage}-bare-{i}"))
+            ours.append(time_train(BUILDERS[stage], run, args.steps, True, root / f"{stage}-sdd-{i}"))
+        ratios = [o / b for o, b in zip(ours, bare, strict=True)]
+        print(f"| {stage} | {statistics.median(bare):.3f} | {statistics.median(ours):.3f} | "
+              f"{statistics.median(ratios):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
