@@ -230,12 +230,14 @@ def toy_init(
     max_terms: Annotated[int | None, typer.Option(help="Most numbers in a chain (default 6).")] = None,
     train: Annotated[int | None, typer.Option(help="Training problems (default 4000).")] = None,
     test: Annotated[int | None, typer.Option(help="Test problems (default 200).")] = None,
+    slip_rate: Annotated[float | None, typer.Option(help="Share of training solutions with one arithmetic slip.")] = None,
     force: Force = False,
 ) -> None:
     """Tiny tokenizer, teacher and student, and synthetic verifiable arithmetic, all local."""
     from sdd.stages import toy_init as stage
 
-    stage.run(run, seed=seed, force=force, min_terms=min_terms, max_terms=max_terms, n_train=train, n_test=test)
+    stage.run(run, seed=seed, force=force, min_terms=min_terms, max_terms=max_terms, n_train=train, n_test=test,
+              slip_rate=slip_rate)
 
 
 def main(argv: list[str] | None = None) -> None:

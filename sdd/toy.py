@@ -37,6 +37,9 @@ class ToyTask:
     n_train: int = 4000
     n_test: int = 200
     seed: int = 0
+    # Share of training solutions with one arithmetic slip (a step off by one, carried to the end).
+    # Demonstrations in the wild have errors; imitation copies them, a verifier does not reward them.
+    slip_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -57,19 +60,31 @@ class ToySpec:
     vocab_size: int = 384
 
 
-def make_problem(rng: random.Random, task: ToyTask) -> dict:
-    """One chain `a ± d1 ± d2 ...` with its step-by-step solution; the running total never goes negative."""
-    total = rng.randint(1, task.max_start)
-    expression = str(total)
-    steps = []
+def make_problem(rng: random.Random, task: ToyTask, slip_rate: float = 0.0) -> dict:
+    """One chain `a ± d1 ± d2 ...` with its step-by-step solution; the running total never goes negative.
+
+    With probability `slip_rate` one step of the worked solution is off by one and the rest of the
+    solution carries the error on; `answer` is always the true result, so the verifier is right
+    where the demonstration is not.
+    """
+    start = rng.randint(1, task.max_start)
+    operations = []
+    total = start
     for _ in range(rng.randint(task.min_terms, task.max_terms) - 1):
         operand = rng.randint(1, task.max_operand)
         op = "-" if operand <= total and rng.random() < 0.5 else "+"
-        result = total - operand if op == "-" else total + operand
-        steps.append(f"{total}{op}{operand}={result}")
-        expression += f"{op}{operand}"
-        total = result
-    solution = ". ".join(steps) + f". The answer is \\boxed{{{total}}}."
+        total = total - operand if op == "-" else total + operand
+        operations.append((op, operand))
+    slip_at = rng.randrange(len(operations)) if rng.random() < slip_rate else -1
+    shown, steps = start, []
+    for i, (op, operand) in enumerate(operations):
+        result = shown - operand if op == "-" else shown + operand
+        if i == slip_at:
+            result += 1 if result == 0 or rng.random() < 0.5 else -1
+        steps.append(f"{shown}{op}{operand}={result}")
+        shown = result
+    expression = str(start) + "".join(f"{op}{operand}" for op, operand in operations)
+    solution = ". ".join(steps) + f". The answer is \\boxed{{{shown}}}."
     return {"problem": f"Compute {expression}.", "solution": solution, "answer": str(total)}
 
 
@@ -82,7 +97,7 @@ def make_split(task: ToyTask, split: str) -> list[dict]:
         seen_elsewhere = {r["problem"] for r in make_split(task, "train")}
     records, seen = [], set()
     while len(records) < n:
-        record = make_problem(rng, task)
+        record = make_problem(rng, task, task.slip_rate if split == "train" else 0.0)
         if record["problem"] in seen or record["problem"] in seen_elsewhere:
             continue
         seen.add(record["problem"])

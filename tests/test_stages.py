@@ -241,6 +241,9 @@ def test_warmup_lowers_forward_kl_and_reuses_samples(boot_run):
     metrics = record["metrics"]
     assert metrics["heldout_forward_kl_after"] < metrics["heldout_forward_kl_before"], metrics
     assert record["inputs"]["teacher"]["from_stage"] == "sft-teacher"
+    # Teacher samples are pre-tokenized, so completion-only training must be asked for explicitly:
+    # without it the KL was also fitted on prompt tokens (found by the toy calibration).
+    assert record["config"]["trl"]["completion_only_loss"] is True
     samples = boot_run / "warmup" / "teacher-samples.jsonl"
     first = samples.read_text()
     mtime = samples.stat().st_mtime_ns
