@@ -95,8 +95,14 @@ def read_records(path: Path) -> list[dict]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as err:  # noqa: BLE001 - arrow raises its own types for a damaged file
+            raise SddError(f"{path} is not a readable parquet file ({type(err).__name__}); fix or regenerate it") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SddError(f"{path} is not UTF-8 text; name a .jsonl, .json or .parquet file of problems") from None
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -205,6 +211,8 @@ def load(source: DataSource, *, limit: int | None = None, require_solution: bool
         raise SddError(f"dataset {where} has no 'solution' column with worked solutions, which sft trains on")
     records = []
     for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise SddError(f"dataset {where}, record {index}: expected a JSON object, found {type(row).__name__}")
         problem = row.get(source.problem_column)
         if not isinstance(problem, str) or not problem.strip():
             raise SddError(f"dataset {where}, record {index}: '{source.problem_column}' must be non-empty text")
@@ -240,6 +248,11 @@ def split_usable(records: list[dict], *, max_bad_fraction: float, where: str) ->
     if records and bad / len(records) > max_bad_fraction:
         raise SddError(
             f"dataset {where}: {bad} of {len(records)} gold answers cannot be parsed "
-            f"(more than {max_bad_fraction:.0%}); check --answer-column or the file"
+            f"(more than {max_bad_fraction:.0%}); check --answer-column or the file, or raise --set max_bad_answers"
         )
+    if bad:
+        import sys
+
+        print(f"warning: skipped {bad} of {len(records)} problems of {where} whose gold answer cannot be parsed",
+              file=sys.stderr)
     return usable, bad

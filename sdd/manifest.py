@@ -135,8 +135,12 @@ class StageLock:
         except (OSError, ValueError):
             return {}
 
-    def acquire(self, wait_s: float = 0.0) -> None:
-        """Take the lock; with wait_s, wait that long for a live holder to finish before refusing."""
+    def acquire(self, wait_s: float = 0.0, stop: Callable[[], bool] | None = None) -> None:
+        """Take the lock; with wait_s, wait that long for a live holder to finish before refusing.
+
+        `stop` ends the wait early without the lock (a preempted job must not spend its grace
+        period waiting); the caller checks `held`.
+        """
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -144,6 +148,8 @@ class StageLock:
             except SddError:
                 if time.monotonic() >= deadline:
                     raise
+                if stop is not None and stop():
+                    return None
                 time.sleep(1.0)
 
     def _acquire_once(self) -> None:
@@ -215,6 +221,10 @@ class RunDir:
             raise SddError(f"cannot create run dir {self.path} ({err.strerror}); choose a writable --run") from None
         if not os.access(self.path, os.W_OK):
             raise SddError(f"run dir {self.path} is not writable; choose a writable --run")
+        if not self.exists() and (self.path / BACKUP_NAME).is_file():
+            # Starting a fresh manifest would replace the backup with it at the next write.
+            raise SddError(f"{self.manifest_path} is missing but {BACKUP_NAME} is there; restore it "
+                           f"(cp {self.path / BACKUP_NAME} {self.manifest_path}) or remove the backup to start over")
         if not self.exists():
             with self._locked():
                 if not self.exists():
@@ -256,10 +266,16 @@ class RunDir:
                 best = (record.get("done_seq", 0), name, record["outputs"][role])
         return (best[1], best[2]) if best else None
 
-    def resolve_path(self, stored: str) -> Path:
-        """A path recorded in the manifest, confined to this run dir unless it is absolute (user-named)."""
+    def resolve_path(self, stored: str, *, user_named: bool = False) -> Path:
+        """A path recorded in the manifest, confined to this run dir.
+
+        sdd writes every stage output inside the run dir and records it relative to it, so an output
+        path that leads outside (`../`, a symlink, an absolute path) was not written by sdd and is not
+        followed. Only entries a user or recipe named (`user_named`: registered datasets) may be
+        absolute paths elsewhere.
+        """
         candidate = Path(stored)
-        if candidate.is_absolute():
+        if candidate.is_absolute() and user_named:
             return candidate
         resolved = (self.path / candidate).resolve()
         if not resolved.is_relative_to(self.path.resolve()):
@@ -316,7 +332,7 @@ class RunDir:
         """Dataset names registered in this run dir, as absolute paths."""
         if not self.exists():
             return {}
-        return {k: str(self.resolve_path(v["path"])) for k, v in self.read().get("datasets", {}).items()}
+        return {k: str(self.resolve_path(v["path"], user_named=True)) for k, v in self.read().get("datasets", {}).items()}
 
     def begin(self, name: str, *, stage: str, role: str | None, config: dict, inputs: dict) -> None:
         def change(data: dict) -> None:

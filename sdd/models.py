@@ -7,6 +7,7 @@ safetensors (no pickle). Every failure a user can fix becomes one line naming th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sdd.errors import SddError
@@ -21,23 +22,57 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
 
 
-def check_reference(name: str) -> None:
-    """Fail early on a local model path that is not there, before any heavy import or download."""
+def check_reference(name: str, *, trust_remote_code: bool = False) -> None:
+    """Fail early, before any heavy import, download or manifest record, on a local model sdd must not load.
+
+    Checked here from config.json and the file names alone: a path that is not there, a model that is
+    not a causal LM, one that needs its own Python code (unless trusted), and weights that exist only
+    as pickle (`pytorch_model.bin`), which sdd never loads because unpickling can run arbitrary code.
+    Hub ids are checked by `from_pretrained` itself (use_safetensors=True refuses pickle there too).
+    """
     path = Path(name).expanduser()
     if _looks_local(name) and not path.exists():
         raise SddError(f"model {name} does not exist (neither a local directory nor an owner/name hub id)")
-    if path.is_dir() and not (path / "config.json").is_file():
+    if not path.is_dir():
+        return
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise SddError(f"model {name} has no config.json; point at a saved model directory (e.g. <stage>/final)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SddError(f"model {name}: config.json is unreadable ({_first_line(err)}); restore the checkpoint") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    auto_map = (config.get("auto_map") or {}) if isinstance(config, dict) else {}
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        if auto_map and not trust_remote_code:
+            raise SddError(f"model {name} (model_type {model_type!r}) needs its own Python code to load; read it, "
+                           "then pass --set trust_remote_code=true if you trust it")
+        if not auto_map:
+            raise SddError(f"model {name} has model_type {model_type!r}, which transformers does not know; "
+                           "fix its config.json or upgrade transformers")
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (trust_remote_code and "AutoModelForCausalLM" in auto_map):
+        raise SddError(f"{name} is not a causal language model (model_type '{model_type}'); sdd trains "
+                       "decoder-only LMs that load with AutoModelForCausalLM")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(pattern))
+        if pickled:
+            raise SddError(f"model {name} has only pickled weights ({pickled[0]}); sdd loads safetensors only - "
+                           "convert it once where you trust the file (from_pretrained, then save_pretrained)")
+        raise SddError(f"model {name} has no *.safetensors weights; point at a saved model directory")
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    check_reference(name)
+    check_reference(name, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - transformers raises OSError/ValueError/... with long texts
-        raise SddError(f"could not load the tokenizer of {name}: {_first_line(err)}") from None
+        raise SddError(f"could not load the tokenizer of {name}: {_first_line(err)}{_remote_code_hint(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -49,11 +84,11 @@ def load_causal_lm(name: str, *, dtype: str = "auto", trust_remote_code: bool = 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    check_reference(name)
+    check_reference(name, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
-        raise SddError(f"could not load model {name}: {_first_line(err)}") from None
+        raise SddError(f"could not load model {name}: {_first_line(err)}{_remote_code_hint(err)}") from None
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -68,6 +103,12 @@ def load_causal_lm(name: str, *, dtype: str = "auto", trust_remote_code: bool = 
     if device:
         model.to(device)
     return model
+
+
+def _remote_code_hint(err: BaseException) -> str:
+    if "custom code" in str(err) or "trust_remote_code" in str(err):
+        return " (read that code, then pass --set trust_remote_code=true if you trust it)"
+    return ""
 
 
 def _first_line(err: BaseException) -> str:

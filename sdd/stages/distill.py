@@ -152,8 +152,6 @@ def configure(args: common.StageArgs):
 
 
 def run(args: common.StageArgs) -> dict:
-    from trl import DistillationTrainer
-
     name, options, trl_config = configure(args)
     run_dir = RunDir(args.run)
     teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
@@ -178,6 +176,7 @@ def run(args: common.StageArgs) -> dict:
     inputs = {"teacher": teacher_in, "student": student_in, "dataset": common.StageInput(source.describe())}
     with common.open_stage(args, name=name, stage="distill", role="student", config=resolved, inputs=inputs) as stage:
         from datasets import Dataset
+        from trl import DistillationTrainer  # imported late: a bad option fails seconds sooner
 
         teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
         student = load_causal_lm(student_in.path, trust_remote_code=options.trust_remote_code)
@@ -189,7 +188,7 @@ def run(args: common.StageArgs) -> dict:
         common.quiet_trainer(trainer)
         resume = common.resume_point(stage.dir)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if stage.flag.requested:
+        if common.stopped_early(trainer, stage):
             return {}
         final = common.save_final(trainer, stage.dir / "final")
         history = trainer.state.log_history

@@ -78,8 +78,16 @@ def reward_function():
     return math_verify_reward
 
 
-def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_tokens: int, path: Path) -> tuple[list[dict], dict]:
-    """Keep prompts whose measured pass rate is strictly between 0 and 1; cached so a resume sees the same set."""
+GATE_CHUNK = 256  # prompts per generate call: a SIGTERM during the gate waits for one chunk, not the whole pass
+
+
+def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_tokens: int, path: Path,
+               flag=None) -> tuple[list[dict], dict] | None:
+    """Keep prompts whose measured pass rate is strictly between 0 and 1; cached so a resume sees the same set.
+
+    None when a signal (`flag`, a PreemptionFlag) stopped it between chunks: the stage then ends
+    interrupted without training, and the rerun measures again.
+    """
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("options") == [options.gate_samples, options.gate_temperature, max_new_tokens, len(rows)]:
@@ -90,7 +98,12 @@ def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_t
 
     params = SamplingParams(n=options.gate_samples, temperature=options.gate_temperature, top_p=1.0, top_k=0,
                             max_new_tokens=max_new_tokens, seed=0)
-    completions = generate(model, tokenizer, [r["prompt"] for r in rows], params, backend="hf")
+    completions = []
+    for start in range(0, len(rows), GATE_CHUNK):
+        if flag is not None and common._any_rank(flag.requested is not None):
+            return None
+        chunk = [r["prompt"] for r in rows[start:start + GATE_CHUNK]]
+        completions += generate(model, tokenizer, chunk, dataclasses.replace(params, seed=start), backend="hf")
     texts = [c.text for group in completions for c in group]
     scores = score_completions(texts, [r["answer"] for r in rows for _ in range(options.gate_samples)])
     kept, buckets = [], {"never": 0, "sometimes": 0, "always": 0}
@@ -129,8 +142,6 @@ def configure(args: common.StageArgs, stage: str):
 
 
 def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...]) -> dict:
-    from trl import GRPOTrainer
-
     name, options, trl_config = configure(args, stage)
     run_dir = RunDir(args.run)
     start = common.resolve_checkpoint(run_dir, role, options.model, exclude=name, prefer=prefer)
@@ -138,8 +149,6 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
                           problem_column=options.problem_column, answer_column=options.answer_column)
     records, skipped = data.split_usable(data.load(source, limit=options.limit),
                                          max_bad_fraction=options.max_bad_answers, where=source.describe())
-    if skipped:
-        print(f"warning: skipped {skipped} problems of {source.describe()} whose gold answer cannot be parsed")
 
     from sdd.models import load_causal_lm, load_tokenizer
 
@@ -150,13 +159,16 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
     inputs = {"model": start, "dataset": common.StageInput(source.describe())}
     with common.open_stage(args, name=name, stage=stage, role=role, config=resolved, inputs=inputs) as handle:
         from datasets import Dataset
+        from trl import GRPOTrainer  # imported late: a bad option fails seconds sooner
 
         model = load_causal_lm(start.path, trust_remote_code=options.trust_remote_code)
         metrics: dict = {"skipped_unparsable_golds": skipped}
         if options.gate:
-            rows, buckets = apply_gate(model, tokenizer, rows, options, trl_config.max_completion_length,
-                                       handle.dir / "gate.json")
-            metrics["gate"] = buckets
+            gated = apply_gate(model, tokenizer, rows, options, trl_config.max_completion_length,
+                               handle.dir / "gate.json", flag=handle.flag)
+            if gated is None:
+                return {}
+            rows, metrics["gate"] = gated
         trainer = common.guarded(GRPOTrainer)(
             model=model, reward_funcs=[reward_function()], args=trl_config,
             train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]),
@@ -166,7 +178,7 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
         common.quiet_trainer(trainer)
         resume = common.resume_point(handle.dir)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if handle.flag.requested:
+        if common.stopped_early(trainer, handle):
             return {}
         final = common.save_final(trainer, handle.dir / "final")
         metrics.update(common.summarize_logs(trainer.state.log_history, {

@@ -47,7 +47,7 @@ DEFAULTS = {
 
 
 def run(args: common.StageArgs) -> dict:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     role = args.cli.get("role") or args.recipe.get("role") or "teacher"
     if role not in ROLES:
@@ -76,6 +76,7 @@ def run(args: common.StageArgs) -> dict:
     inputs = {"model": start, "dataset": common.StageInput(source.describe())}
     with common.open_stage(args, name=name, stage="sft", role=options.role, config=resolved, inputs=inputs) as stage:
         from datasets import Dataset
+        from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
 
         model = load_causal_lm(start.path, trust_remote_code=options.trust_remote_code)
         trainer = common.guarded(SFTTrainer)(
@@ -85,7 +86,7 @@ def run(args: common.StageArgs) -> dict:
         common.quiet_trainer(trainer)
         resume = common.resume_point(stage.dir)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if stage.flag.requested:
+        if common.stopped_early(trainer, stage):
             return {}
         final = common.save_final(trainer, stage.dir / "final")
         metrics = common.summarize_logs(

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from sdd import data
@@ -47,6 +48,8 @@ class WarmupOptions:
     max_new_tokens: int = 4096
     sample_seed: int = 0
     sample_batch_size: int | None = None
+    # Prompts per flushed chunk of teacher samples: a kill loses at most one chunk, a SIGTERM waits for one.
+    sample_chunk: int = 256
     sample_cache: str | None = None  # a folder shared between stages: same teacher + data + settings = same file
     only_correct: bool = False
     heldout_prompts: int = 32
@@ -90,28 +93,38 @@ def teacher_samples(teacher, tokenizer, records: list[dict], options: WarmupOpti
     header = {"provenance": provenance}
     if path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()
-        if lines and json.loads(lines[0]) == header:
+        if lines and _header_matches(lines[0], header):
             return [json.loads(line) for line in lines[1:]]
         print(f"{path.name} was made from another teacher, data or sampling settings: sampling again")
     partial = path.with_name(path.name + ".partial")
     done: list[dict] = []
+    chunk = options.sample_chunk
+    kept_bytes = 0
     if partial.is_file():
-        lines = partial.read_text(encoding="utf-8").splitlines()
-        if lines and json.loads(lines[0]) == header:
+        lines = partial.read_bytes().splitlines(keepends=True)
+        if lines and lines[0].endswith(b"\n") and _header_matches(lines[0], header):
+            ends = [len(lines[0])]
             for line in lines[1:]:
                 try:
+                    if not line.endswith(b"\n"):
+                        break  # the line being written when the job died
                     done.append(json.loads(line))
-                except ValueError:  # the line being written when the job died
+                except ValueError:
                     break
-    with open(partial, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(header) + "\n")
-        for row in done:
-            handle.write(json.dumps(row) + "\n")
+                ends.append(ends[-1] + len(line))
+            # Whole chunks only: each chunk's seed is tied to where it starts, so a resumed run samples
+            # exactly what an uninterrupted one would have.
+            del done[len(done) // chunk * chunk:]
+            kept_bytes = ends[len(done)]
+    if kept_bytes:  # cut the torn tail in place; rewriting the file would risk the chunks already sampled
+        os.truncate(partial, kept_bytes)
+    else:
+        atomic_write_text(partial, json.dumps(header) + "\n")
+    with open(partial, "a", encoding="utf-8") as handle:
         params = SamplingParams(
             n=options.samples_per_prompt, temperature=options.sample_temperature, top_p=options.sample_top_p,
             top_k=options.sample_top_k, max_new_tokens=options.max_new_tokens, seed=options.sample_seed,
         )
-        chunk = 256
         engine = teacher if options.backend == "hf" else options.teacher
         for start in range(len(done), len(records), chunk):
             if flag.requested:
@@ -141,25 +154,55 @@ def teacher_samples(teacher, tokenizer, records: list[dict], options: WarmupOpti
     return done
 
 
+def _header_matches(line: str, header: dict) -> bool:
+    try:
+        return json.loads(line) == header
+    except ValueError:  # torn by a kill mid-write
+        return False
+
+
 def cached_teacher_samples(teacher, tokenizer, records, options: WarmupOptions, stage, provenance: dict):
     """Teacher samples from the stage folder, or from `sample_cache` where stages share them.
 
     Variants that warm up from the same teacher on the same data and seed (forward KL and its
     hard-label control) then sample once; a lock serialises two stages asking at the same time.
     """
-    if not options.sample_cache:
-        return teacher_samples(teacher, tokenizer, records, options, stage.dir / SAMPLES_FILE, provenance, stage.flag)
-    from sdd.manifest import StageLock
+    from sdd.manifest import StageLock, is_main_process
 
-    key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(options.sample_cache) / f"{key}.jsonl"
+    if options.sample_cache:
+        key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(options.sample_cache) / f"{key}.jsonl"
+    else:
+        path = stage.dir / SAMPLES_FILE
+    if not is_main_process():
+        return _wait_for_samples(path, provenance, stage.flag)
+    if not options.sample_cache:
+        return teacher_samples(teacher, tokenizer, records, options, path, provenance, stage.flag)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = StageLock(path.with_suffix(".lock"))
-    lock.acquire(wait_s=24 * 3600)
+    lock.acquire(wait_s=24 * 3600, stop=lambda: stage.flag.requested is not None)
+    if not lock.held:  # stopped while another stage held the cache: nothing sampled, nothing lost
+        return None
     try:
         return teacher_samples(teacher, tokenizer, records, options, path, provenance, stage.flag)
     finally:
         lock.release()
+
+
+def _wait_for_samples(path: Path, provenance: dict, flag) -> list[dict] | None:
+    """Under a launcher only rank 0 samples and writes the file; the other ranks wait for it to be complete.
+
+    No collective is used for the wait: sampling can outlast any collective timeout. A signal
+    reaches every rank, so a waiting rank stops when rank 0 does.
+    """
+    header = {"provenance": provenance}
+    while not flag.requested:
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            if lines and _header_matches(lines[0], header):
+                return [json.loads(line) for line in lines[1:]]
+        time.sleep(1.0)
+    return None
 
 
 def training_sequences(rows: list[dict], only_correct: bool) -> list[dict]:
@@ -242,7 +285,7 @@ def heldout_kl(student, teacher, rows: list[dict], vocab_size: int, pad_id: int,
 
 
 def run(args: common.StageArgs) -> dict:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     name = args.name or "warmup"
     options, trl_kwargs = common.resolve_options(("warmup", name), WarmupOptions, SFTConfig, args, {
@@ -250,7 +293,12 @@ def run(args: common.StageArgs) -> dict:
     })
     if options.objective not in OBJECTIVES:
         raise SddError(f"objective must be one of {', '.join(OBJECTIVES)}, not {options.objective!r}")
-    trl_config = common.cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name)})
+    if options.sample_chunk < 1:
+        raise SddError(f"sample_chunk must be at least 1, not {options.sample_chunk}")
+    # The dataset is pre-tokenized (the teacher's exact tokens), so TRL cannot infer completion-only
+    # training from prompt/completion columns: without this the loss would also fit the prompt tokens.
+    trl_config = common.cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name),
+                                                        "completion_only_loss": True})
     run_dir = RunDir(args.run)
     teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
     student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name)
@@ -279,6 +327,7 @@ def run(args: common.StageArgs) -> dict:
     with common.open_stage(args, name=name, stage="warmup", role="student", config=resolved, inputs=inputs) as stage:
         import torch
         from datasets import Dataset
+        from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
@@ -288,7 +337,7 @@ def run(args: common.StageArgs) -> dict:
             "data": hashlib.sha256(json.dumps([(r["id"], r["problem"], r["answer"]) for r in records]).encode()).hexdigest()[:16],
             "sampling": [options.samples_per_prompt, options.sample_temperature, options.sample_top_p,
                          options.sample_top_k, options.max_new_tokens, options.sample_seed,
-                         options.chat_template_kwargs],
+                         options.chat_template_kwargs, options.sample_chunk],  # chunk: it sets the seeds
         }
         rows = cached_teacher_samples(teacher, t_tok, records, options, stage, provenance)
         if rows is None:
@@ -322,7 +371,7 @@ def run(args: common.StageArgs) -> dict:
             )
         common.quiet_trainer(trainer)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if stage.flag.requested:
+        if common.stopped_early(trainer, stage):
             return {}
         final = common.save_final(trainer, stage.dir / "final")
         metrics["heldout_forward_kl_after"] = heldout_kl(student, teacher, heldout, vocab_size, pad_id,
