@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     from sdd.errors import SddError
 
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # click returns (not raises) 130 for Ctrl-C and Exit codes here
+            sys.exit(code)
     except SddError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)

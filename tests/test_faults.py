@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_stages import bootstrapped, set_tiny  # noqa: F401 - bootstrapped is a fixture used by name
+from conftest import set_tiny
 
 from sdd.manifest import RunDir
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,83 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import sdd, sdd_process, set_tiny, weights
 
 from sdd.manifest import RunDir
-
-# Small enough for a 2-core CPU, large enough that every code path (checkpoints, logging) runs.
-TINY = {
-    "sft": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2, "save_steps": 2, "limit": 64,
-            "lr_scheduler_type": "constant", "warmup_steps": 0},
-    "teacher-rl": {"max_steps": 2, "per_device_train_batch_size": 16, "num_generations": 8, "max_completion_length": 48,
-                   "logging_steps": 1, "save_steps": 1, "limit": 32, "learning_rate": 1e-3},
-    "student-rl": {"max_steps": 2, "per_device_train_batch_size": 16, "num_generations": 8, "max_completion_length": 48,
-                   "logging_steps": 1, "save_steps": 1, "limit": 32, "learning_rate": 1e-3},
-    "warmup": {"prompts": 24, "heldout_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 48, "max_steps": 3,
-               "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 3, "learning_rate": 3e-3},
-    "distill": {"max_steps": 3, "per_device_train_batch_size": 8, "max_completion_length": 48, "logging_steps": 1,
-                "save_steps": 3, "limit": 32, "learning_rate": 3e-3},
-    "eval": {"benchmark": ["toy-test"], "samples": 2, "max_new_tokens": 48, "limit": 24},
-}
-
-
-def sdd(*argv: str) -> None:
-    """One stage in-process through the real CLI parser (what `sdd run` does too)."""
-    from sdd.stages.run import OK, SKIPPED, run_in_process
-
-    outcome, message = run_in_process([str(a) for a in argv])
-    assert outcome in (OK, SKIPPED), message
-
-
-def sdd_process(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "sdd", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def set_tiny(run: Path, **overrides) -> None:
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    for section in ("sft-teacher", "sft-student", "teacher-sft"):  # the toy's per-model step counts
-        config.pop(section, None)
-    for section, values in TINY.items():
-        config.setdefault(section, {}).update(values)
-    for section, values in overrides.items():
-        config.setdefault(section, {}).update(values)
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-
-
-def weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
-
-
-@pytest.fixture(scope="session")
-def bootstrapped(tmp_path_factory) -> Path:
-    """A toy run on easy chains (2-3 numbers) whose models had a short SFT: they write boxed answers, some right."""
-    from sdd.stages import toy_init
-
-    run = tmp_path_factory.mktemp("boot") / "run"
-    toy_init.run(run, seed=0, min_terms=2, max_terms=3, n_train=2000, n_test=64)
-    set_tiny(run)
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    config["sft"].update({"max_steps": 160, "per_device_train_batch_size": 32, "limit": None, "save_steps": 1000,
-                          "logging_steps": 40, "learning_rate": 3e-3, "warmup_steps": 20,
-                          "lr_scheduler_type": "warmup_stable_decay",
-                          "lr_scheduler_kwargs": {"num_decay_steps": 40, "min_lr_ratio": 0.05}})
-    config["sft-teacher"] = {"max_steps": 40}  # the teacher stays weaker: distillation then has a gap to close
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    sdd("sft", "--run", run, "--role", "student")
-    sdd("sft", "--run", run, "--role", "teacher")
-    set_tiny(run)
-    return run
-
-
-@pytest.fixture
-def boot_run(bootstrapped, tmp_path) -> Path:
-    path = tmp_path / "run"
-    shutil.copytree(bootstrapped, path)
-    return path
 
 
 def test_sft_changes_weights_and_records(toy_run):
@@ -127,15 +52,38 @@ def test_eval_reports_avg_and_pass_at_k(boot_run):
         assert row["correct"] == [is_correct(c, row["answer"]) for c in row["completions"]]
 
 
+def own_answer_dataset(run: Path, model_path: Path, n: int = 32) -> Path:
+    """Toy problems whose gold is the model's own greedy answer: GRPO then sees rewards of both kinds.
+
+    The briefly trained test model is rarely right on the real golds, and a group where every
+    rollout scores 0 gives GRPO no gradient at all; its own greedy answers it reproduces sometimes.
+    """
+    from sdd import data
+    from sdd.generation import SamplingParams, generate
+    from sdd.models import load_causal_lm, load_tokenizer
+    from sdd.verify import extract_boxed
+
+    model, tokenizer = load_causal_lm(str(model_path)), load_tokenizer(str(model_path))
+    records = data.load(data.resolve("toy-train", registered=RunDir(run).datasets()))[:n]
+    greedy = generate(model, tokenizer, [data.render_prompt(tokenizer, r["problem"]) for r in records],
+                      SamplingParams(n=1, temperature=0.0, max_new_tokens=48))
+    rows = [{**r, "answer": extract_boxed(g[0].text) or "0"} for r, g in zip(records, greedy, strict=True)]
+    path = run / "own-answers.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def test_teacher_rl_trains_and_records(boot_run):
-    sdd("teacher-rl", "--run", boot_run, "--model", boot_run / "sft-student" / "final")
+    model = boot_run / "sft-student" / "final"
+    dataset = own_answer_dataset(boot_run, model)
+    sdd("teacher-rl", "--run", boot_run, "--model", model, "--dataset", dataset)
     record = RunDir(boot_run).stage("teacher-rl")
     assert record["status"] == "done" and record["role"] == "teacher"
     assert record["config"]["trl"]["loss_type"] == "dapo" and record["config"]["trl"]["epsilon_high"] == 0.28
     assert record["config"]["trl"]["beta"] == 0.0
     metrics = record["metrics"]
     assert metrics["steps"] == 2 and 0.0 < metrics["reward"] < 1.0, metrics
-    before, after = weights(boot_run / "sft-student" / "final"), weights(boot_run / "teacher-rl" / "final")
+    before, after = weights(model), weights(boot_run / "teacher-rl" / "final")
     assert any(not (before[k] == after[k]).all() for k in before)
 
 

@@ -31,6 +31,9 @@ MAIN_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/nu
 MAIN_ADDR=${MAIN_ADDR:-localhost}
 cd "$SUBMIT_DIR"
 mkdir -p logs
+# torchrun/accelerate SIGKILL workers 30 s after forwarding SIGTERM by default; a checkpoint of a
+# large model needs longer.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
 
 if [[ "${SDD_STAGE_TRAINS:-1}" == 1 ]]; then
   # SLURM_NODEID is expanded on each node by the inner shell, not here.
@@ -47,7 +50,20 @@ trap 'kill -TERM "$child" 2>/dev/null' TERM
 wait "$child"
 status=$?
 if kill -0 "$child" 2>/dev/null; then wait "$child"; status=$?; fi
-if [[ $status -eq 75 ]]; then
+# Launchers exit 1 whatever their workers exited with, so ask the manifest whether the stage stopped
+# cleanly on the signal (status "interrupted") rather than trusting the exit code alone.
+stage_status() {
+  local run="" name="" prev=""
+  for arg in "$@"; do
+    [[ "$prev" == "--run" ]] && run=$arg
+    [[ "$prev" == "--name" ]] && name=$arg
+    prev=$arg
+  done
+  [[ -z "$name" ]] && name=$1
+  python -c 'import json,sys; print(json.load(open(sys.argv[1] + "/manifest.json"))["stages"].get(sys.argv[2], {}).get("status", ""))' \
+    "$run" "$name" 2>/dev/null
+}
+if [[ $status -eq 75 || ( $status -ne 0 && "$(stage_status "$@")" == interrupted ) ]]; then
   echo "stage interrupted with its checkpoint saved: requeueing job ${SLURM_JOB_ID:-?}"
   scontrol requeue "${SLURM_JOB_ID}"
 fi

@@ -101,7 +101,9 @@ def run_in_process(argv: list[str]) -> tuple[str, str]:
     from sdd.stages.common import Interrupted, StageSkipped
 
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            return (INTERRUPTED, "interrupted") if code in (130, EXIT_INTERRUPTED_CODE) else (FAILED, f"exit {code}")
     except StageSkipped as skip:
         return SKIPPED, str(skip)
     except Interrupted as err:
@@ -124,14 +126,15 @@ def run_in_process(argv: list[str]) -> tuple[str, str]:
     return OK, ""
 
 
-def run_subprocess(argv: list[str], launcher: list[str]) -> tuple[str, str]:
-    from sdd.stages.common import EXIT_INTERRUPTED
-
-    command = [*launcher, "-m", "sdd", *argv] if launcher else [sys.executable, "-m", "sdd", *argv]
+def run_subprocess(job: recipes.Job, launcher: list[str]) -> tuple[str, str]:
+    command = [*launcher, "-m", "sdd", *job.argv] if launcher else [sys.executable, "-m", "sdd", *job.argv]
     code = subprocess.call(command)
     if code == 0:
         return OK, ""
-    if code == EXIT_INTERRUPTED:
+    # Launchers (accelerate, torchrun) exit 1 whatever their workers exited with: the manifest says
+    # whether the stage stopped cleanly on a signal.
+    stages = RunDir(job.run_dir).stages() if RunDir(job.run_dir).exists() else {}
+    if code == EXIT_INTERRUPTED_CODE or any(stages.get(n, {}).get("status") == "interrupted" for n in job.records):
         return INTERRUPTED, "interrupted"
     return FAILED, f"`{shlex.join(command)}` exited {code}"
 
@@ -184,7 +187,7 @@ def execute(jobs: list[recipes.Job], datasets: dict[str, str], *, workers: int, 
                     register_datasets(job.run_dir, datasets)
                     console.print(f"[bold]→ {job.id}[/]  sdd {shlex.join(job.argv)}")
                     if launcher and job.trains:
-                        future = pool.submit(run_subprocess, job.argv, launcher)
+                        future = pool.submit(run_subprocess, job, launcher)
                     else:
                         future = pool.submit(run_in_process, job.argv)
                     running[future] = (job, time.time())
