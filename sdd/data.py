@@ -256,3 +256,13 @@ def split_usable(records: list[dict], *, max_bad_fraction: float, where: str) ->
         print(f"warning: skipped {bad} of {len(records)} problems of {where} whose gold answer cannot be parsed",
               file=sys.stderr)
     return usable, bad
+
+
+def usable_problems(name: str, *, data_dir=None, registered=None, problem_column=None, answer_column=None,
+                    limit: int | None = None, max_bad_fraction: float = 0.05) -> tuple[DataSource, list[dict], int]:
+    """Resolve, load and drop unverifiable golds: (source, records, how many were skipped)."""
+    source = resolve(name, data_dir=data_dir, registered=registered, problem_column=problem_column,
+                     answer_column=answer_column)
+    records, skipped = split_usable(load(source, limit=limit), max_bad_fraction=max_bad_fraction,
+                                    where=source.describe())
+    return source, records, skipped

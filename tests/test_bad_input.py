@@ -39,12 +39,6 @@ TINY_SFT = ["--set", "limit=64", "--set", "per_device_train_batch_size=8", "--se
             "--set", "warmup_steps=0", "--set", "lr_scheduler_type=constant"]
 
 
-@pytest.fixture(autouse=True)
-def _slow_only_when_asked(request):
-    """`pytest` alone skips the slow variant; `-m slow` runs it (pyproject adds no marker filter)."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow: run with -m slow")
-
 
 def cli(*argv, preexec_fn=None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sdd", *map(str, argv)], capture_output=True, text=True,

@@ -62,12 +62,6 @@ DEFAULT_CASES = {("sft", "SIGTERM"), ("distill", "SIGKILL")}
 EVAL = ["--benchmark", "toy-test", "--samples", "4", "--seeds", "1", "--limit", "32", "--max-new-tokens", "48"]
 
 
-@pytest.fixture(autouse=True)
-def _slow_only_when_asked(request):
-    """`pytest` alone runs the representative cases; the matrix needs `-m slow` (pyproject adds no filter)."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow: run with -m slow")
-
 
 # -- running stages ---------------------------------------------------------------------------------
 def in_process(*argv) -> None:

@@ -46,11 +46,6 @@ IN_PROCESS = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True)
-def _slow_only_when_asked(request):
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow: run with -m slow")
-
 
 def launch(argv: list, out: Path, *, in_process: bool = False) -> subprocess.Popen:
     if in_process:

@@ -341,8 +341,8 @@ def load_problems(run_dir: Path, settings: Settings, benchmark: str | None, limi
     source = data.resolve(name, data_dir=data_dir or settings.data_dir, registered=RunDir(run_dir).datasets())
     key = (source.describe(), limit)
     if key not in memo:
-        records, skipped = data.split_usable(data.load(source, limit=limit), max_bad_fraction=0.05,
-                                             where=source.describe())
+        _, records, skipped = data.usable_problems(name, data_dir=data_dir or settings.data_dir,
+                                                   registered=RunDir(run_dir).datasets(), limit=limit)
         memo[key] = Problems(name, source.describe(), records, skipped, limit)
     return memo[key]
 

@@ -68,6 +68,28 @@ class StageInput:
 
 
 @dataclasses.dataclass
+class DataOptions:
+    """Where a training stage's problems come from and how its prompts are rendered; every stage has these."""
+
+    dataset: str = "math-train"
+    data_dir: str | None = None
+    problem_column: str | None = None
+    answer_column: str | None = None
+    limit: int | None = None
+    max_bad_answers: float = 0.05
+    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
+    trust_remote_code: bool = False
+
+    def problems(self, run: RunDir):
+        """(source, records, skipped) with unverifiable gold answers dropped."""
+        from sdd import data
+
+        return data.usable_problems(self.dataset, data_dir=self.data_dir, registered=run.datasets(),
+                                    problem_column=self.problem_column, answer_column=self.answer_column,
+                                    limit=self.limit, max_bad_fraction=self.max_bad_answers)
+
+
+@dataclasses.dataclass
 class StageArgs:
     """What every stage subcommand takes besides its own options."""
 
@@ -512,6 +534,16 @@ def stopped_early(trainer, stage: Stage) -> bool:
     A signal that arrives after the last step changes nothing: the final model is seconds away.
     """
     return stage.flag.requested is not None and trainer.state.global_step < trainer.state.max_steps
+
+
+def train(trainer, stage: Stage, resume: Path | None = None) -> Path | None:
+    """Train from the newest complete checkpoint; the final model's path, or None if stopped by a signal."""
+    quiet_trainer(trainer)
+    resume = resume or resume_point(stage.dir)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stopped_early(trainer, stage):
+        return None
+    return save_final(trainer, stage.dir / "final")
 
 
 def quiet_trainer(trainer) -> None:

@@ -26,20 +26,12 @@ ESTIMATORS = ("full-vocab", "sampled-token")
 
 
 @dataclasses.dataclass
-class DistillOptions:
+class DistillOptions(common.DataOptions):
     teacher: str | None = None
     student: str | None = None
-    dataset: str = "math-train"
-    data_dir: str | None = None
-    problem_column: str | None = None
-    answer_column: str | None = None
-    limit: int | None = None
     estimator: str = "full-vocab"
     backend: str = "hf"
     dtype: str = "auto"
-    max_bad_answers: float = 0.05
-    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
-    trust_remote_code: bool = False
 
 
 DEFAULTS = {
@@ -156,10 +148,7 @@ def run(args: common.StageArgs) -> dict:
     run_dir = RunDir(args.run)
     teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
     student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name, prefer=("warmup",))
-    source = data.resolve(options.dataset, data_dir=options.data_dir, registered=run_dir.datasets(),
-                          problem_column=options.problem_column, answer_column=options.answer_column)
-    records, skipped = data.split_usable(data.load(source, limit=options.limit),
-                                         max_bad_fraction=options.max_bad_answers, where=source.describe())
+    source, records, skipped = options.problems(run_dir)
 
     from transformers import AutoConfig
 
@@ -185,12 +174,9 @@ def run(args: common.StageArgs) -> dict:
             processing_class=s_tok, vocab_size=vocab_size, estimator=options.estimator,
             callbacks=common.make_callbacks(stage.flag, stage.dir, name, HEADLINE),
         )
-        common.quiet_trainer(trainer)
-        resume = common.resume_point(stage.dir)
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if common.stopped_early(trainer, stage):
+        final = common.train(trainer, stage)
+        if final is None:
             return {}
-        final = common.save_final(trainer, stage.dir / "final")
         history = trainer.state.log_history
         metrics = common.summarize_logs(history, {
             "reverse_kl": "reverse_kl", "divergence": "divergence", "teacher_nll": "teacher_nll",

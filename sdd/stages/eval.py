@@ -121,17 +121,12 @@ def run(args: common.StageArgs) -> dict:
     run_dir.create()
     checkpoint = common.resolve_checkpoint(run_dir, options.role, options.model)
     source_name = checkpoint.from_stage or slug(Path(checkpoint.path).name)
-    sources = {
-        bench: data.resolve(bench, data_dir=options.data_dir, registered=run_dir.datasets(),
-                            problem_column=options.problem_column, answer_column=options.answer_column)
+    benchmarks = {
+        bench: data.usable_problems(bench, data_dir=options.data_dir, registered=run_dir.datasets(),
+                                    problem_column=options.problem_column, answer_column=options.answer_column,
+                                    limit=options.limit)
         for bench in options.benchmark
     }
-    benchmarks = {}
-    for bench, source in sources.items():
-        records, skipped = data.split_usable(
-            data.load(source, limit=options.limit), max_bad_fraction=0.05, where=source.describe()
-        )
-        benchmarks[bench] = (source, records, skipped)
 
     from sdd.models import load_causal_lm, load_tokenizer
 

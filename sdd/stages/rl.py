@@ -22,20 +22,12 @@ from sdd.stages import common
 
 
 @dataclasses.dataclass
-class RlOptions:
+class RlOptions(common.DataOptions):
     model: str | None = None
-    dataset: str = "math-train"
-    data_dir: str | None = None
-    problem_column: str | None = None
-    answer_column: str | None = None
-    limit: int | None = None
-    max_bad_answers: float = 0.05
     gate: bool = False
     gate_samples: int = 8
     gate_temperature: float = 1.0
     backend: str = "hf"
-    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
-    trust_remote_code: bool = False
 
 
 # The paper's authors' recipe: DAPO token-mean loss, asymmetric clipping, no KL term, 8 rollouts
@@ -145,10 +137,7 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
     name, options, trl_config = configure(args, stage)
     run_dir = RunDir(args.run)
     start = common.resolve_checkpoint(run_dir, role, options.model, exclude=name, prefer=prefer)
-    source = data.resolve(options.dataset, data_dir=options.data_dir, registered=run_dir.datasets(),
-                          problem_column=options.problem_column, answer_column=options.answer_column)
-    records, skipped = data.split_usable(data.load(source, limit=options.limit),
-                                         max_bad_fraction=options.max_bad_answers, where=source.describe())
+    source, records, skipped = options.problems(run_dir)
 
     from sdd.models import load_causal_lm, load_tokenizer
 
@@ -175,12 +164,9 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
             processing_class=tokenizer,
             callbacks=common.make_callbacks(handle.flag, handle.dir, name, HEADLINE),
         )
-        common.quiet_trainer(trainer)
-        resume = common.resume_point(handle.dir)
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if common.stopped_early(trainer, handle):
+        final = common.train(trainer, handle)
+        if final is None:
             return {}
-        final = common.save_final(trainer, handle.dir / "final")
         metrics.update(common.summarize_logs(trainer.state.log_history, {
             "reward": "reward", "solve_rate_any": "solve_rate/any_in_group",
             "truncation_rate": "completions/clipped_ratio", "entropy": "entropy",

@@ -19,17 +19,9 @@ ROLES = ("teacher", "student")
 
 
 @dataclasses.dataclass
-class SftOptions:
+class SftOptions(common.DataOptions):
     role: str = "teacher"
     model: str | None = None
-    dataset: str = "math-train"
-    data_dir: str | None = None
-    problem_column: str | None = None
-    answer_column: str | None = None
-    limit: int | None = None
-    max_bad_answers: float = 0.05
-    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
-    trust_remote_code: bool = False
 
 
 DEFAULTS = {
@@ -83,12 +75,9 @@ def run(args: common.StageArgs) -> dict:
             model=model, args=trl_config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
             callbacks=common.make_callbacks(stage.flag, stage.dir, name, ("loss", "mean_token_accuracy")),
         )
-        common.quiet_trainer(trainer)
-        resume = common.resume_point(stage.dir)
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if common.stopped_early(trainer, stage):
+        final = common.train(trainer, stage)
+        if final is None:
             return {}
-        final = common.save_final(trainer, stage.dir / "final")
         metrics = common.summarize_logs(
             trainer.state.log_history, {"loss": "loss", "token_accuracy": "mean_token_accuracy"}
         )

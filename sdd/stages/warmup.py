@@ -33,13 +33,9 @@ OBJECTIVES = ("forward-kl", "sft")
 
 
 @dataclasses.dataclass
-class WarmupOptions:
+class WarmupOptions(common.DataOptions):
     teacher: str | None = None
     student: str | None = None
-    dataset: str = "math-train"
-    data_dir: str | None = None
-    problem_column: str | None = None
-    answer_column: str | None = None
     prompts: int | None = None
     samples_per_prompt: int = 1
     sample_temperature: float = 0.7
@@ -57,9 +53,6 @@ class WarmupOptions:
     kl_temperature: float = 1.0
     backend: str = "hf"
     dtype: str = "auto"
-    max_bad_answers: float = 0.05
-    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
-    trust_remote_code: bool = False
 
 
 DEFAULTS = {
@@ -302,10 +295,7 @@ def run(args: common.StageArgs) -> dict:
     run_dir = RunDir(args.run)
     teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
     student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name)
-    source = data.resolve(options.dataset, data_dir=options.data_dir, registered=run_dir.datasets(),
-                          problem_column=options.problem_column, answer_column=options.answer_column)
-    records, skipped = data.split_usable(data.load(source), max_bad_fraction=options.max_bad_answers,
-                                         where=source.describe())
+    source, records, skipped = options.problems(run_dir)
     wanted = (options.prompts or len(records)) + options.heldout_prompts
     records = records[:wanted]
     if len(records) <= options.heldout_prompts:
@@ -369,11 +359,9 @@ def run(args: common.StageArgs) -> dict:
             trainer = forward_kl_trainer(common.guarded(SFTTrainer))(
                 **common_kwargs, teacher_model=teacher, vocab_size=vocab_size, kl_temperature=options.kl_temperature,
             )
-        common.quiet_trainer(trainer)
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if common.stopped_early(trainer, stage):
+        final = common.train(trainer, stage, resume)
+        if final is None:
             return {}
-        final = common.save_final(trainer, stage.dir / "final")
         metrics["heldout_forward_kl_after"] = heldout_kl(student, teacher, heldout, vocab_size, pad_id,
                                                         options.kl_temperature)
         metrics.update(common.summarize_logs(trainer.state.log_history, {"loss": "loss", "forward_kl": "forward_kl"}))
