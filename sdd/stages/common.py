@@ -179,6 +179,17 @@ def resolve_options(sections: tuple[str, ...], options_cls, trl_cls, args: Stage
     return cfg.resolve(options_cls, trl_cls, layers)
 
 
+# What every training stage sets on its TRL config unless a layer says otherwise: checkpoints on a step
+# schedule (resume needs them), two kept, no reporting service unless asked, no activation recompute
+# (`gradient_checkpointing: true` in a recipe for large models).
+TRAINER_DEFAULTS = {
+    "save_strategy": "steps",
+    "save_total_limit": 2,
+    "report_to": "none",
+    "gradient_checkpointing": False,
+}
+
+
 def device_defaults() -> dict[str, Any]:
     """TRL configs default to bf16, which fails outright on CPUs; use it only where the device has it."""
     import torch

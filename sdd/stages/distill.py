@@ -35,16 +35,13 @@ class DistillOptions(common.DataOptions):
 
 
 DEFAULTS = {
+    **common.TRAINER_DEFAULTS,
     "beta": 1.0,  # TRL's convention: 1.0 = reverse KL(student || teacher), 0.0 = forward KL, between = JSD(β)
     "temperature": 1.0,
     "learning_rate": 1e-6,
     "max_completion_length": 4096,
     "logging_steps": 5,
-    "save_strategy": "steps",
     "save_steps": 50,
-    "save_total_limit": 2,
-    "report_to": "none",
-    "gradient_checkpointing": False,
 }
 
 HEADLINE = ("reverse_kl", "teacher_nll", "entropy")

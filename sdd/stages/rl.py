@@ -33,6 +33,7 @@ class RlOptions(common.DataOptions):
 # The paper's authors' recipe: DAPO token-mean loss, asymmetric clipping, no KL term, 8 rollouts
 # per prompt at temperature 1.0, lr 1e-6, weight decay 0.1, gradient clipping at 1.0.
 DEFAULTS = {
+    **common.TRAINER_DEFAULTS,
     "loss_type": "dapo",
     "epsilon": 0.2,
     "epsilon_high": 0.28,
@@ -44,11 +45,7 @@ DEFAULTS = {
     "max_grad_norm": 1.0,
     "max_completion_length": 4096,
     "logging_steps": 5,
-    "save_strategy": "steps",
     "save_steps": 50,
-    "save_total_limit": 2,
-    "report_to": "none",
-    "gradient_checkpointing": False,
 }
 
 HEADLINE = ("reward", "completions/clipped_ratio", "entropy")

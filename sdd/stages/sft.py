@@ -25,16 +25,13 @@ class SftOptions(common.DataOptions):
 
 
 DEFAULTS = {
+    **common.TRAINER_DEFAULTS,
     "learning_rate": 1e-5,
     "num_train_epochs": 1,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.03,
     "logging_steps": 10,
-    "save_strategy": "steps",
     "save_steps": 500,
-    "save_total_limit": 2,
-    "report_to": "none",
-    "gradient_checkpointing": False,
 }
 
 

@@ -56,16 +56,13 @@ class WarmupOptions(common.DataOptions):
 
 
 DEFAULTS = {
+    **common.TRAINER_DEFAULTS,
     "learning_rate": 1e-5,
     "num_train_epochs": 1,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.03,
     "logging_steps": 10,
-    "save_strategy": "steps",
     "save_steps": 200,
-    "save_total_limit": 2,
-    "report_to": "none",
-    "gradient_checkpointing": False,
 }
 
 
