@@ -69,20 +69,25 @@ def assert_two_rank_checkpoint(path: Path) -> None:
     assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"} <= names
 
 
-def test_sft_two_processes(toy_run, tmp_path):
-    """The default-suite case: one tiny stage, start to finish, under the launcher."""
-    set_tiny(toy_run, sft={"max_steps": 4, "save_steps": 2, "logging_steps": 1})
-    out = tmp_path / "launch.txt"
-    assert launch(["sft", "--run", toy_run, "--role", "student"], out, in_process=True).wait(timeout=600) == 0, \
-        out.read_text()[-3000:]
+def assert_sft_student_done(toy_run: Path, out: Path, *, attempts: int, steps: int) -> None:
+    """Both ranks tore down their process group, and rank 0 alone wrote one record and one log line per step."""
     text = out.read_text()
     for rank in (0, 1):
         assert f"rank {rank}: ok  process_group_alive=False" in text, text[-3000:]
     manifest = json.loads((toy_run / "manifest.json").read_text())
     assert [name for name in manifest["stages"] if name.startswith("sft")] == ["sft-student"]
     record = manifest["stages"]["sft-student"]
-    assert record["status"] == "done" and record["attempts"] == 1 and record["metrics"]["steps"] == 4
-    assert steps_logged(toy_run / "sft-student" / "log.jsonl") == [1, 2, 3, 4]  # rank 0 alone logs
+    assert record["status"] == "done" and record["attempts"] == attempts and record["metrics"]["steps"] == steps
+    assert steps_logged(toy_run / "sft-student" / "log.jsonl") == list(range(1, steps + 1))
+
+
+def test_sft_two_processes(toy_run, tmp_path):
+    """The default-suite case: one tiny stage, start to finish, under the launcher."""
+    set_tiny(toy_run, sft={"max_steps": 4, "save_steps": 2, "logging_steps": 1})
+    out = tmp_path / "launch.txt"
+    assert launch(["sft", "--run", toy_run, "--role", "student"], out, in_process=True).wait(timeout=600) == 0, \
+        out.read_text()[-3000:]
+    assert_sft_student_done(toy_run, out, attempts=1, steps=4)
     assert_two_rank_checkpoint(toy_run / "sft-student" / "checkpoint-4")
     from sdd.models import load_causal_lm
 
@@ -110,14 +115,7 @@ def test_sft_two_processes_sigterm_and_resume(toy_run, tmp_path):
 
     second = launch(["sft", "--run", toy_run, "--role", "student"], out, in_process=True)
     assert second.wait(timeout=600) == 0, out.read_text()[-3000:]
-    text = out.read_text()
-    for rank in (0, 1):
-        assert f"rank {rank}: ok  process_group_alive=False" in text, text[-3000:]
-    manifest = json.loads((toy_run / "manifest.json").read_text())
-    assert [name for name in manifest["stages"] if name.startswith("sft")] == ["sft-student"]
-    record = manifest["stages"]["sft-student"]
-    assert record["status"] == "done" and record["attempts"] == 2 and record["metrics"]["steps"] == 30
-    assert steps_logged(stage_dir / "log.jsonl") == list(range(1, 31))  # rank 0 alone logs, each step once
+    assert_sft_student_done(toy_run, out, attempts=2, steps=30)  # each step logged once across the resume
     assert_two_rank_checkpoint(stage_dir / "checkpoint-30")
     from sdd.models import load_causal_lm
 
