@@ -33,45 +33,53 @@ def toy(root: Path) -> Path:
     return run
 
 
+def toy_rows(run: Path, model: str, fields) -> tuple[str, object, list[dict]]:
+    """(model path, tokenizer, dataset rows): the first 512 toy-train problems rendered as the stages render them."""
+    from sdd import data
+    from sdd.models import load_tokenizer
+
+    model_path = str(run / "toy" / model)
+    tokenizer = load_tokenizer(model_path)
+    records = data.load(data.resolve(str(run / "toy" / "data" / "train.jsonl")))[:512]
+    return model_path, tokenizer, [{"prompt": data.render_prompt(tokenizer, r["problem"]), **fields(r)} for r in records]
+
+
+def with_sdd_callbacks(trainer, out: Path, label: str, headline: tuple[str, ...]):
+    """The callbacks every sdd stage adds, and its progress bar in place of transformers' printing."""
+    from sdd.stages import common
+
+    for callback in common.make_callbacks(common.PreemptionFlag(), out, label, headline):
+        trainer.add_callback(callback)
+    common.quiet_trainer(trainer)
+    return trainer
+
+
 def sft_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from sdd import data
-    from sdd.models import load_causal_lm, load_tokenizer
+    from sdd.models import load_causal_lm
     from sdd.stages import common
 
-    model_path = str(run / "toy" / "teacher-base")
-    tokenizer = load_tokenizer(model_path)
-    records = data.load(data.resolve(str(run / "toy" / "data" / "train.jsonl")))[:512]
-    rows = [{"prompt": data.render_prompt(tokenizer, r["problem"]), "completion": r["solution"]} for r in records]
+    model_path, tokenizer, rows = toy_rows(run, "teacher-base", lambda r: {"completion": r["solution"]})
     config = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32, bf16=False,
                        use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
                        logging_steps=5, disable_tqdm=True)
     cls = common.guarded(SFTTrainer) if sdd_side else SFTTrainer
     trainer = cls(model=load_causal_lm(model_path), args=config, train_dataset=Dataset.from_list(rows),
                   processing_class=tokenizer)
-    if sdd_side:
-        flag = common.PreemptionFlag()
-        for callback in common.make_callbacks(flag, out, "sft", ("loss",)):
-            trainer.add_callback(callback)
-        common.quiet_trainer(trainer)
-    return trainer
+    return with_sdd_callbacks(trainer, out, "sft", ("loss",)) if sdd_side else trainer
 
 
 def grpo_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from sdd import data
-    from sdd.models import load_causal_lm, load_tokenizer
+    from sdd.models import load_causal_lm
     from sdd.stages import common, rl
     from sdd.verify import math_reward
 
-    model_path = str(run / "toy" / "student-base")
-    tokenizer = load_tokenizer(model_path)
-    records = data.load(data.resolve(str(run / "toy" / "data" / "train.jsonl")))[:512]
-    rows = [{"prompt": data.render_prompt(tokenizer, r["problem"]), "answer": r["answer"]} for r in records]
+    model_path, tokenizer, rows = toy_rows(run, "student-base", lambda r: {"answer": r["answer"]})
     config = GRPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32, num_generations=8,
                         max_completion_length=48, bf16=False, use_cpu=not torch.cuda.is_available(),
                         report_to="none", save_strategy="no", logging_steps=5, disable_tqdm=True,
@@ -80,41 +88,28 @@ def grpo_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
     cls = common.guarded(GRPOTrainer) if sdd_side else GRPOTrainer
     trainer = cls(model=load_causal_lm(model_path), reward_funcs=[reward], args=config,
                   train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    if sdd_side:
-        flag = common.PreemptionFlag()
-        for callback in common.make_callbacks(flag, out, "grpo", rl.HEADLINE):
-            trainer.add_callback(callback)
-        common.quiet_trainer(trainer)
-    return trainer
+    return with_sdd_callbacks(trainer, out, "grpo", rl.HEADLINE) if sdd_side else trainer
 
 
 def distill_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer
 
-    from sdd import data
-    from sdd.models import load_causal_lm, load_tokenizer
+    from sdd.models import load_causal_lm
     from sdd.stages import common, distill
 
-    student_path, teacher_path = str(run / "toy" / "student-base"), str(run / "toy" / "teacher-base")
-    tokenizer = load_tokenizer(student_path)
-    records = data.load(data.resolve(str(run / "toy" / "data" / "train.jsonl")))[:512]
-    rows = [{"prompt": data.render_prompt(tokenizer, r["problem"])} for r in records]
+    student_path, tokenizer, rows = toy_rows(run, "student-base", lambda r: {})
     config = DistillationConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=16,
                                 max_completion_length=48, bf16=False, use_cpu=not torch.cuda.is_available(),
                                 report_to="none", save_strategy="no", logging_steps=5, disable_tqdm=True,
                                 gradient_checkpointing=False)
-    student, teacher = load_causal_lm(student_path), load_causal_lm(teacher_path)
+    student, teacher = load_causal_lm(student_path), load_causal_lm(str(run / "toy" / "teacher-base"))
     kwargs = dict(model=student, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     if not sdd_side:
         return DistillationTrainer(teacher_model=teacher, **kwargs)
     trainer = distill.distillation_trainer(common.guarded(DistillationTrainer))(
         teacher_model=teacher, vocab_size=len(tokenizer), estimator="full-vocab", **kwargs)
-    flag = common.PreemptionFlag()
-    for callback in common.make_callbacks(flag, out, "distill", distill.HEADLINE):
-        trainer.add_callback(callback)
-    common.quiet_trainer(trainer)
-    return trainer
+    return with_sdd_callbacks(trainer, out, "distill", distill.HEADLINE)
 
 
 BUILDERS = {"sft": sft_trainer, "grpo": grpo_trainer, "distill": distill_trainer}
