@@ -109,7 +109,6 @@ def run(root: Path, *, out: Path | None = None, resamples: int = 10_000) -> dict
             ci = stats.bootstrap_diff_ci(m_a, m_b, n_resamples=resamples, seed=0)
             summary["comparisons"].append({"variant": a, "reference": b, "benchmark": bench, **ci})
     summary["curves"] = training_curves(root)
-    atomic_write_text(out / "report.json", json.dumps(summary, indent=2, default=float) + "\n")
     markdown = render_markdown(summary, benchmarks)
     plots = plot(summary, benchmarks, out)
     from sdd.stages.analyze import report_section  # what each stage changed, where `sdd analyze` ran
@@ -118,8 +117,9 @@ def run(root: Path, *, out: Path | None = None, resamples: int = 10_000) -> dict
     if analysis_markdown:
         markdown += "\n" + analysis_markdown
         summary["analysis"] = analysis_data
-        atomic_write_text(out / "report.json", json.dumps(summary, indent=2, default=float) + "\n")
-    markdown += "".join(f"\n![{p.stem}]({p.name})\n" for p in [*plots, *analysis_plots])
+    plots += analysis_plots
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2, default=float) + "\n")
+    markdown += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
     atomic_write_text(out / "report.md", markdown)
     print(markdown)
     print(f"written: {out / 'report.md'}, {out / 'report.json'}" + "".join(f", {p}" for p in plots))
