@@ -8,6 +8,7 @@ hub) and to their hub dataset otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -266,3 +267,8 @@ def usable_problems(name: str, *, data_dir=None, registered=None, problem_column
     records, skipped = split_usable(load(source, limit=limit), max_bad_fraction=max_bad_fraction,
                                     where=source.describe())
     return source, records, skipped
+
+
+def problems_fingerprint(records: list[dict]) -> str:
+    """Short content hash of a problem set: cached samples are valid only for the problems they were drawn on."""
+    return hashlib.sha256(json.dumps([(r["id"], r["problem"], r["answer"]) for r in records]).encode()).hexdigest()[:16]

@@ -385,8 +385,7 @@ def cached_samples(checkpoint: Checkpoint, problems: Problems, settings: Setting
     """
     provenance = {
         "checkpoint": checkpoint.fingerprint or checkpoint.path,
-        "problems": hashlib.sha256(json.dumps([(r["id"], r["problem"], r["answer"]) for r in problems.records])
-                                   .encode()).hexdigest()[:16],
+        "problems": data.problems_fingerprint(problems.records),
         "sampling": {k: v for k, v in sampling_record(settings, samples).items() if k != "taken_from"},
     }
     key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]

@@ -214,7 +214,7 @@ def check_resumable(stage_dir: Path, inputs: dict, config: dict) -> None:
         "sdd": cfg.to_jsonable(config.get("sdd", {})),
     }
     path = stage_dir / ORIGIN_FILE
-    if complete_checkpoints(stage_dir) or any(stage_dir.glob("checkpoint-*")):
+    if any(stage_dir.glob("checkpoint-*")):  # complete or half-written: either was made from some origin
         try:
             recorded = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -230,6 +230,7 @@ def check_resumable(stage_dir: Path, inputs: dict, config: dict) -> None:
     from sdd.manifest import atomic_write_text
 
     atomic_write_text(path, json.dumps(origin, indent=2, default=str))
+
 
 def complete_checkpoints(stage_dir: Path) -> list[Path]:
     """Checkpoints whose save finished, oldest first (Trainer writes trainer_state.json last)."""
@@ -320,17 +321,7 @@ def make_callbacks(flag: PreemptionFlag, stage_dir: Path, label: str, headline: 
 
     class StopOnSignal(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            requested = flag.requested is not None
-            if args.world_size > 1:  # every rank must stop at the same step or the collectives hang
-                import torch
-                import torch.distributed as dist
-
-                if dist.is_available() and dist.is_initialized():
-                    device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
-                    t = torch.tensor([1.0 if requested else 0.0], device=device)
-                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                    requested = bool(t.item())
-            if requested:
+            if _any_rank(flag.requested is not None):  # every rank must stop at the same step or the collectives hang
                 flag.requested = flag.requested or "SIGTERM (another rank)"
                 control.should_save = True
                 control.should_training_stop = True

@@ -130,8 +130,6 @@ def configure(args: common.StageArgs):
     })
     if options.estimator not in ESTIMATORS:
         raise SddError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {options.estimator!r}")
-    if options.backend not in ("hf", "vllm"):
-        raise SddError(f"backend must be hf or vllm, not {options.backend!r}")
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
                   "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
     trl_config = common.cfg.build_trl_config(DistillationConfig, trl_kwargs)

@@ -122,8 +122,6 @@ def configure(args: common.StageArgs, stage: str):
     options, trl_kwargs = common.resolve_options((stage, name), RlOptions, GRPOConfig, args, {
         **common.device_defaults(), **DEFAULTS,
     })
-    if options.backend not in ("hf", "vllm"):
-        raise SddError(f"backend must be hf or vllm, not {options.backend!r}")
     # The backend picks TRL's rollout engine; explicit TRL fields (use_vllm, vllm_mode, ...) still win.
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
                   "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}

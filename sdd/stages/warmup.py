@@ -81,10 +81,10 @@ def teacher_samples(teacher, tokenizer, records: list[dict], options: WarmupOpti
     from sdd.verify import score_completions
 
     header = {"provenance": provenance}
+    finished = _finished_samples(path, header)
+    if finished is not None:
+        return finished
     if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if lines and _header_matches(lines[0], header):
-            return [json.loads(line) for line in lines[1:]]
         print(f"{path.name} was made from another teacher, data or sampling settings: sampling again")
     partial = path.with_name(path.name + ".partial")
     done: list[dict] = []
@@ -144,6 +144,16 @@ def teacher_samples(teacher, tokenizer, records: list[dict], options: WarmupOpti
     return done
 
 
+def _finished_samples(path: Path, header: dict) -> list[dict] | None:
+    """The rows of a complete sample file made with `header`; None if there is none (the file is renamed into place whole)."""
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if lines and _header_matches(lines[0], header):
+        return [json.loads(line) for line in lines[1:]]
+    return None
+
+
 def _header_matches(line: str, header: dict) -> bool:
     try:
         return json.loads(line) == header
@@ -187,10 +197,9 @@ def _wait_for_samples(path: Path, provenance: dict, flag) -> list[dict] | None:
     """
     header = {"provenance": provenance}
     while not flag.requested:
-        if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            if lines and _header_matches(lines[0], header):
-                return [json.loads(line) for line in lines[1:]]
+        finished = _finished_samples(path, header)
+        if finished is not None:
+            return finished
         time.sleep(1.0)
     return None
 
@@ -215,7 +224,7 @@ def forward_kl_trainer(base_cls):
     from trl.models.utils import _ForwardRedirection
 
     from sdd.agreement import last_hidden_states
-    from sdd.losses import token_divergence
+    from sdd.losses import divergence_loss
 
     class ForwardKLTrainer(base_cls):
         def __init__(self, *args, teacher_model, vocab_size: int, kl_temperature: float, **kwargs):
@@ -234,25 +243,23 @@ def forward_kl_trainer(base_cls):
         def _kl(self, student, inputs, num_items_in_batch):
             ids, attention, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
             scored_BT = labels[:, 1:] != -100  # position t is scored when it predicts a completion token t+1
-            h_student = last_hidden_states(student, ids, attention)[:, :-1][scored_BT]
+            h_student_BTH = last_hidden_states(student, ids, attention)[:, :-1]
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             with torch.no_grad():
-                h_teacher = self._redirect(self.teacher_model, teacher, last_hidden_states, teacher, ids, attention)
-                h_teacher = h_teacher[:, :-1][scored_BT]
-            divergence_N, entropy_N = token_divergence(
-                h_student, student.get_output_embeddings().weight, h_teacher, teacher.get_output_embeddings().weight,
+                h_teacher_BTH = self._redirect(self.teacher_model, teacher, last_hidden_states, teacher, ids, attention)
+            return divergence_loss(
+                h_student_BTH, student.get_output_embeddings().weight,
+                h_teacher_BTH[:, :-1], teacher.get_output_embeddings().weight, scored_BT,
                 beta=0.0, temperature=self.kl_temperature, vocab_size=self.vocab_size,
+                num_items_in_batch=num_items_in_batch,
             )
-            denominator = num_items_in_batch if num_items_in_batch is not None else max(1, divergence_N.numel())
-            return divergence_N.sum() / denominator, divergence_N.detach(), entropy_N.detach()
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             student = self.accelerator.unwrap_model(model)
-            loss, divergence_N, entropy_N = self._redirect(model, student, self._kl, student, inputs, num_items_in_batch)
+            loss, stats = self._redirect(model, student, self._kl, student, inputs, num_items_in_batch)
             mode = "train" if self.model.training else "eval"
-            tokens = self.accelerator.gather_for_metrics(torch.tensor([divergence_N.numel()], device=loss.device)).sum()
-            kl_sum = self.accelerator.gather_for_metrics(divergence_N.sum().reshape(1)).sum()
-            ent_sum = self.accelerator.gather_for_metrics(entropy_N.sum().reshape(1)).sum()
+            tokens, kl_sum, ent_sum = (self.accelerator.gather_for_metrics(stats[key].reshape(1)).sum()
+                                       for key in ("num_tokens", "divergence_sum", "entropy_sum"))
             self._metrics[mode]["forward_kl"].append((kl_sum / tokens.clamp(min=1)).item())
             self._metrics[mode]["entropy"].append((ent_sum / tokens.clamp(min=1)).item())
             return (loss, None) if return_outputs else loss
@@ -321,7 +328,7 @@ def run(args: common.StageArgs) -> dict:
         teacher.to(device).eval()
         provenance = {
             "teacher": _model_identity(teacher_in.path),
-            "data": hashlib.sha256(json.dumps([(r["id"], r["problem"], r["answer"]) for r in records]).encode()).hexdigest()[:16],
+            "data": data.problems_fingerprint(records),
             "sampling": [options.samples_per_prompt, options.sample_temperature, options.sample_top_p,
                          options.sample_top_k, options.max_new_tokens, options.sample_seed,
                          options.chat_template_kwargs, options.sample_chunk],  # chunk: it sets the seeds
