@@ -7,8 +7,10 @@ resumes from that checkpoint; and each rank tears down the process group it made
 exits cleanly (FINDINGS: without it, 2 of 26 gloo runs aborted after training).
 
 Two CPU processes need `--multi_gpu` (`accelerate launch --cpu --num_processes 2` starts one). The
-launcher itself exits 1, not 75, when its workers stop on a signal (torch elastic turns the SIGTERM
-it got into an error); the manifest says `interrupted`. docs/reliability.md says what to do about it.
+launcher itself does not exit 75 when its workers stop on a signal, and what it does exit with is its
+own: torch elastic turned the SIGTERM into 1 under accelerate 1.15 and into 143 (128 + SIGTERM) under
+accelerate 1.16. So the tests assert only that the launcher reports failure, and take the stage's own
+word from the manifest (`interrupted`). docs/reliability.md says what to do about it.
 
 One tiny stage (sft) runs by default; SIGTERM and resume under the launcher, and every other stage,
 are marked slow (`pytest -m slow tests/test_multiprocess.py`).
@@ -105,7 +107,7 @@ def test_sft_two_processes_sigterm_and_resume(toy_run, tmp_path):
     first.send_signal(signal.SIGTERM)  # to the launcher, which passes it to both ranks
     code = first.wait(timeout=300)
     text = out.read_text()
-    assert code == 1, text[-3000:]  # torch elastic's exit status for "stopped by a signal", not ours
+    assert code != 0, text[-3000:]  # the launcher's own status for "stopped by a signal" (1 or 143), not ours
     assert text.count("stopped on SIGTERM; its checkpoint is saved") == 2, text[-3000:]  # both ranks agreed
     record = RunDir(toy_run).stage("sft-student")
     assert record["status"] == "interrupted" and record["attempts"] == 1
