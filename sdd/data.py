@@ -3,7 +3,9 @@
 Every source is reduced to the same records, `{"id", "problem", "answer"}` plus `"solution"` where
 the source has worked solutions, so stages never care where the data came from. Named
 benchmarks resolve to a local file when `--data-dir` holds it (these machines cannot reach the
-hub) and to their hub dataset otherwise.
+hub) and to their hub dataset otherwise. A source's own answer instructions (DAPO's "Answer:" wrapper,
+trailing boxed instructions) are removed, so every problem reaches the model in the one prompt of
+`user_message`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,35 @@ _TRAILING_INSTRUCTIONS = re.compile(
     + r")\s*$"
 )
 
+# DAPO-Math-17k (open-r1/DAPO-Math-17k-Processed's `prompt` column is DAPO's raw user message) wraps
+# every problem in its own answer format: "Solve the following math problem step by step. The last
+# line of your response should be of the form Answer: $Answer (without quotes) where $Answer is the
+# answer to the problem.\n\n<problem>\n\nRemember to put your answer on its own line after "Answer:"."
+# Kept, it would ask for an `Answer:` line AND a \boxed{} answer (a reply obeying the first scores 0)
+# and make training prompts differ from eval prompts. The authors' preprocessing (OPSD
+# src/data/prepare_grpo_data.py) strips both parts and appends the boxed instruction; so does `load`.
+_DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem."
+)
+_DAPO_SUFFIX = 'Remember to put your answer on its own line after "Answer:".'
+
+
+def _words(text: str) -> str:
+    """`text` as a regex that allows any whitespace run where it has a space."""
+    return r"\s+".join(re.escape(word) for word in text.split())
+
+
+_DAPO_WRAPPER = re.compile(
+    r"\s*" + _words(_DAPO_PREFIX) + r"\s*(?P<problem>.*?)\s*" + _words(_DAPO_SUFFIX) + r"\s*", re.DOTALL
+)
+
+
+def strip_dapo_wrapper(text: str) -> str | None:
+    """The problem inside DAPO's answer-format wrapper; None when `text` does not carry the whole wrapper."""
+    match = _DAPO_WRAPPER.fullmatch(text)
+    return match["problem"] if match and match["problem"].strip() else None
+
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -38,6 +69,7 @@ class Benchmark:
     answer_column: str = "answer"
     answer_format: str = "plain"  # "plain" | "gsm8k" (text ending in "#### N") | "boxed" (last \boxed{} of a solution)
     hub_config: str | None = None
+    prompt_format: str = "plain"  # "plain" | "dapo" (problem inside DAPO's Answer: wrapper, stripped on load)
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -48,7 +80,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "gsm8k": Benchmark("gsm8k-test.jsonl", "openai/gsm8k", "test", "question", "answer", "gsm8k", "main"),
     "gsm8k-train": Benchmark("gsm8k-train.jsonl", "openai/gsm8k", "train", "question", "answer", "gsm8k", "main"),
     "math-train": Benchmark("math-train.jsonl", "DigitalLearningGmbH/MATH-lighteval", "train", "problem", "solution", "boxed"),
-    "dapo-math": Benchmark("dapo-math.jsonl", "open-r1/DAPO-Math-17k-Processed", "train", "prompt", "solution", "plain", "en"),
+    "dapo-math": Benchmark("dapo-math.jsonl", "open-r1/DAPO-Math-17k-Processed", "train", "prompt", "solution", "plain", "en", "dapo"),
 }
 
 
@@ -149,6 +181,7 @@ class DataSource:
     answer_column: str
     answer_format: str
     hub_config: str | None = None
+    prompt_format: str = "plain"  # see Benchmark.prompt_format
 
     def describe(self) -> str:
         return str(self.path) if self.path else f"hub:{self.hub_id}[{self.split}]"
@@ -174,12 +207,16 @@ def resolve(
         if data_dir is not None:
             local = Path(data_dir) / spec.file
             if local.is_file():
-                # Local benchmark files carry a ready `answer` column even where the hub dataset does not.
+                # Local benchmark files carry a ready `answer` column even where the hub dataset does not
+                # (math-train's hub column is a whole solution); a plain hub column (dapo-math's
+                # `solution`) is already the answer, and a local copy of that dataset keeps it.
                 fmt = "gsm8k" if spec.answer_format == "gsm8k" else "plain"
-                local_cols = (problem_column or spec.problem_column, answer_column or "answer")
-                return DataSource(name, local, None, None, *local_cols, fmt)
+                local_answer = spec.answer_column if spec.answer_format == "plain" else "answer"
+                local_cols = (problem_column or spec.problem_column, answer_column or local_answer)
+                return DataSource(name, local, None, None, *local_cols, fmt, prompt_format=spec.prompt_format)
             raise SddError(f"benchmark '{name}' expects {local}; it is not there (check --data-dir)")
-        return DataSource(name, None, spec.hub_id, split or spec.hub_split, *cols, spec.answer_format, spec.hub_config)
+        return DataSource(name, None, spec.hub_id, split or spec.hub_split, *cols, spec.answer_format, spec.hub_config,
+                          spec.prompt_format)
     path = Path(name)
     if path.exists() or path.suffix.lower() in (".jsonl", ".json", ".parquet") or name.startswith((".", "/")):
         if path.is_dir():
@@ -217,6 +254,17 @@ def load(source: DataSource, *, limit: int | None = None, require_solution: bool
         problem = row.get(source.problem_column)
         if not isinstance(problem, str) or not problem.strip():
             raise SddError(f"dataset {where}, record {index}: '{source.problem_column}' must be non-empty text")
+        if source.prompt_format == "dapo":
+            inner = strip_dapo_wrapper(problem)
+            if inner is None:
+                # Keeping it would train on a prompt with two answer instructions; dropping it quietly
+                # would shrink the data unseen. A dataset declared as DAPO must be DAPO throughout.
+                raise SddError(
+                    f"dataset {where}, record {index}: '{source.problem_column}' is not in DAPO's format "
+                    f"(\"{_DAPO_PREFIX[:40]}... <problem> ... {_DAPO_SUFFIX}\"; it starts {problem[:60]!r}); "
+                    "fix the record, or pass the file by path to use its prompts as they are"
+                )
+            problem = inner
         raw = row.get(source.answer_column)
         if isinstance(raw, (list, dict)):
             raise SddError(
