@@ -40,6 +40,8 @@ Force = Annotated[bool, typer.Option("--force", help="Redo a stage that is alrea
 TrustChanged = Annotated[bool, typer.Option("--trust-changed", help="Use input checkpoints even if their files changed.")]
 DataDir = Annotated[Path | None, typer.Option(help="Folder with local benchmark files (e.g. ../shared/data).")]
 Dataset = Annotated[str | None, typer.Option(help="Training data: benchmark name, local jsonl/json/parquet, or hub id.")]
+PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the fully resolved sdd options and TRL config (YAML) and exit; nothing runs, nothing is written.")]
+AsJson = Annotated[bool, typer.Option("--json", help="With --print-config: print JSON instead of YAML.")]
 
 
 def _stage_args(run: Path, name, config, sets, force, trust_changed, **cli):
@@ -58,12 +60,19 @@ def sft(
     dataset: Dataset = None,
     data_dir: DataDir = None,
     name: Name = None, config: ConfigFile = None, set_: Sets = None, force: Force = False, trust_changed: TrustChanged = False,
+    print_config: PrintConfig = False, json_: AsJson = False,
 ) -> None:
     """Supervised fine-tuning on worked solutions (bootstrap, or the SFT-teacher control)."""
     from sdd.stages import sft as stage
 
-    stage.run(_stage_args(run, name, config, set_, force, trust_changed, role=role, model=model, dataset=dataset,
-                          data_dir=data_dir))
+    args = _stage_args(run, name, config, set_, force, trust_changed, role=role, model=model, dataset=dataset,
+                       data_dir=data_dir)
+    if print_config:
+        from sdd.stages import resolved
+
+        resolved.show("sft", args, as_json=json_)
+        return
+    stage.run(args)
 
 
 @app.command("teacher-rl")
@@ -74,12 +83,19 @@ def teacher_rl(
     data_dir: DataDir = None,
     gate: Annotated[bool | None, typer.Option("--gate/--no-gate", help="Drop prompts the policy always or never solves before training.")] = None,
     name: Name = None, config: ConfigFile = None, set_: Sets = None, force: Force = False, trust_changed: TrustChanged = False,
+    print_config: PrintConfig = False, json_: AsJson = False,
 ) -> None:
     """GRPO on the teacher with the math verifier as reward."""
     from sdd.stages import teacher_rl as stage
 
-    stage.run(_stage_args(run, name, config, set_, force, trust_changed, model=model, dataset=dataset,
-                          data_dir=data_dir, gate=gate))
+    args = _stage_args(run, name, config, set_, force, trust_changed, model=model, dataset=dataset,
+                       data_dir=data_dir, gate=gate)
+    if print_config:
+        from sdd.stages import resolved
+
+        resolved.show("teacher-rl", args, as_json=json_)
+        return
+    stage.run(args)
 
 
 @app.command("student-rl")
@@ -90,12 +106,19 @@ def student_rl(
     data_dir: DataDir = None,
     gate: Annotated[bool | None, typer.Option("--gate/--no-gate", help="Drop prompts the policy always or never solves before training.")] = None,
     name: Name = None, config: ConfigFile = None, set_: Sets = None, force: Force = False, trust_changed: TrustChanged = False,
+    print_config: PrintConfig = False, json_: AsJson = False,
 ) -> None:
     """GRPO on the student (after the bridge, or straight on the base student as the direct-GRPO control)."""
     from sdd.stages import student_rl as stage
 
-    stage.run(_stage_args(run, name, config, set_, force, trust_changed, model=model, dataset=dataset,
-                          data_dir=data_dir, gate=gate))
+    args = _stage_args(run, name, config, set_, force, trust_changed, model=model, dataset=dataset,
+                       data_dir=data_dir, gate=gate)
+    if print_config:
+        from sdd.stages import resolved
+
+        resolved.show("student-rl", args, as_json=json_)
+        return
+    stage.run(args)
 
 
 @app.command()
@@ -106,12 +129,19 @@ def warmup(
     dataset: Dataset = None,
     data_dir: DataDir = None,
     name: Name = None, config: ConfigFile = None, set_: Sets = None, force: Force = False, trust_changed: TrustChanged = False,
+    print_config: PrintConfig = False, json_: AsJson = False,
 ) -> None:
     """Off-policy bridge: the teacher writes completions, the student learns them with forward KL."""
     from sdd.stages import warmup as stage
 
-    stage.run(_stage_args(run, name, config, set_, force, trust_changed, teacher=teacher, student=student,
-                          dataset=dataset, data_dir=data_dir))
+    args = _stage_args(run, name, config, set_, force, trust_changed, teacher=teacher, student=student,
+                       dataset=dataset, data_dir=data_dir)
+    if print_config:
+        from sdd.stages import resolved
+
+        resolved.show("warmup", args, as_json=json_)
+        return
+    stage.run(args)
 
 
 @app.command()
@@ -122,12 +152,19 @@ def distill(
     dataset: Dataset = None,
     data_dir: DataDir = None,
     name: Name = None, config: ConfigFile = None, set_: Sets = None, force: Force = False, trust_changed: TrustChanged = False,
+    print_config: PrintConfig = False, json_: AsJson = False,
 ) -> None:
     """On-policy distillation: the student samples, per-token reverse KL to the teacher is the loss."""
     from sdd.stages import distill as stage
 
-    stage.run(_stage_args(run, name, config, set_, force, trust_changed, teacher=teacher, student=student,
-                          dataset=dataset, data_dir=data_dir))
+    args = _stage_args(run, name, config, set_, force, trust_changed, teacher=teacher, student=student,
+                       dataset=dataset, data_dir=data_dir)
+    if print_config:
+        from sdd.stages import resolved
+
+        resolved.show("distill", args, as_json=json_)
+        return
+    stage.run(args)
 
 
 @app.command("eval")
@@ -147,15 +184,22 @@ def eval_(
     backend: Annotated[str | None, typer.Option(help="hf (transformers) or vllm.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
     name: Name = None, config: ConfigFile = None, set_: Sets = None, force: Force = False, trust_changed: TrustChanged = False,
+    print_config: PrintConfig = False, json_: AsJson = False,
 ) -> None:
     """Accuracy: avg@k (mean and spread over seeds), pass@k, per-problem results."""
     from sdd.stages import eval as stage
 
-    results = stage.run(_stage_args(
+    args = _stage_args(
         run, name, config, set_, force, trust_changed, role=role, model=model, benchmark=benchmark, data_dir=data_dir,
         samples=samples, seeds=seeds, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, greedy=greedy, backend=backend, limit=limit,
-    ))
+    )
+    if print_config:
+        from sdd.stages import resolved
+
+        resolved.show("eval", args, as_json=json_)
+        return
+    results = stage.run(args)
     from sdd.stages.status import print_eval
 
     print_eval(results)

@@ -79,14 +79,67 @@ class DataOptions:
     max_bad_answers: float = 0.05
     chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
     trust_remote_code: bool = False
+    # The authors' data protocol: shuffle the whole dataset with `split_seed`, keep the first
+    # `split_fraction` for training and the rest held out ("heldout"); "train-a" / "train-b" halve
+    # the training part (the teacher's labels, and the labels only post-bridge student RL sees).
+    # None uses every record. Splitting happens before unverifiable golds are dropped, so the split
+    # is the same whichever verifier version reads it.
+    split: str | None = None
+    split_seed: int = 42
+    split_fraction: float = 0.8
+
+    SPLITS = ("train", "heldout", "train-a", "train-b")
+
+    def __post_init__(self) -> None:
+        if self.split is not None and self.split not in self.SPLITS:
+            raise ValueError(f"split must be one of {', '.join(self.SPLITS)} (or null for all data), not {self.split!r}")
+        if not 0.0 < self.split_fraction < 1.0:
+            raise ValueError(f"split_fraction must be between 0 and 1, not {self.split_fraction!r}")
+
+    def split_records(self, records: list[dict]) -> list[dict]:
+        """This option set's part of `records` (all of them when `split` is None).
+
+        The order is numpy's `default_rng(split_seed).permutation`, the permutation
+        `datasets.Dataset.shuffle(seed=split_seed)` applies, and the cut is `int(n * split_fraction)`,
+        as in the authors' prepare_grpo_data.py; the halves of the training part cut at `n_train // 2`.
+        """
+        return self.select_split(records, self.split, self.split_seed, self.split_fraction)
+
+    @staticmethod
+    def select_split(records: list[dict], split: str | None, seed: int = 42, fraction: float = 0.8) -> list[dict]:
+        if split is None:
+            return list(records)
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(records))
+        cut = int(len(records) * fraction)
+        part = {"train": order[:cut], "heldout": order[cut:], "train-a": order[: cut // 2],
+                "train-b": order[cut // 2 : cut]}[split]
+        return [records[i] for i in part]
 
     def problems(self, run: RunDir):
-        """(source, records, skipped) with unverifiable gold answers dropped."""
+        """(source, records, skipped): this split of the dataset, unverifiable gold answers dropped."""
+        return self.load_problems(self.dataset, run.datasets(), data_dir=self.data_dir, problem_column=self.problem_column,
+                                  answer_column=self.answer_column, limit=self.limit,
+                                  max_bad_fraction=self.max_bad_answers, split=self.split, split_seed=self.split_seed,
+                                  split_fraction=self.split_fraction)
+
+    @classmethod
+    def load_problems(cls, name: str, registered: dict, *, data_dir=None, problem_column=None, answer_column=None,
+                      limit=None, max_bad_fraction: float = 0.05, split=None, split_seed: int = 42,
+                      split_fraction: float = 0.8):
+        """(source, records, skipped) for a dataset name and split; `eval` uses it for the held-out split."""
         from sdd import data
 
-        return data.usable_problems(self.dataset, data_dir=self.data_dir, registered=run.datasets(),
-                                    problem_column=self.problem_column, answer_column=self.answer_column,
-                                    limit=self.limit, max_bad_fraction=self.max_bad_answers)
+        if split is None:
+            return data.usable_problems(name, data_dir=data_dir, registered=registered, problem_column=problem_column,
+                                        answer_column=answer_column, limit=limit, max_bad_fraction=max_bad_fraction)
+        source = data.resolve(name, data_dir=data_dir, registered=registered, problem_column=problem_column,
+                              answer_column=answer_column)
+        part = cls.select_split(data.load(source), split, split_seed, split_fraction)
+        records, skipped = data.split_usable(part, max_bad_fraction=max_bad_fraction,
+                                             where=f"{source.describe()} [{split} split, seed {split_seed}]")
+        return source, records[:limit], skipped
 
 
 @dataclasses.dataclass

@@ -34,11 +34,18 @@ class DistillOptions(common.DataOptions):
     dtype: str = "auto"
 
 
+# The authors' recipe (scripts/opd/train_opd.sh; docs/recipe.md has the sources): reverse KL on one
+# student rollout per prompt at temperature 1.0, constant lr 1e-6 with no warmup, weight decay 0.1,
+# gradient clipping at 1.0.
 DEFAULTS = {
     **common.TRAINER_DEFAULTS,
     "beta": 1.0,  # TRL's convention: 1.0 = reverse KL(student || teacher), 0.0 = forward KL, between = JSD(β)
     "temperature": 1.0,
     "learning_rate": 1e-6,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "weight_decay": 0.1,
+    "max_grad_norm": 1.0,
     "max_completion_length": 4096,
     "logging_steps": 5,
     "save_steps": 50,

@@ -41,6 +41,10 @@ class EvalOptions:
     dtype: str = "auto"
     chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
     trust_remote_code: bool = False
+    # Evaluate one split of each benchmark (e.g. the held-out part of the training set); see DataOptions.
+    split: str | None = None
+    split_seed: int = 42
+    split_fraction: float = 0.8
 
 
 def pass_ks(samples: int) -> list[int]:
@@ -115,6 +119,8 @@ def run(args: common.StageArgs) -> dict:
     options, _ = common.resolve_options(("eval",), EvalOptions, None, args, {})
     if options.samples < 1 or options.seeds < 1:
         raise SddError("--samples and --seeds must be at least 1")
+    if options.split is not None and options.split not in common.DataOptions.SPLITS:
+        raise SddError(f"split must be one of {', '.join(common.DataOptions.SPLITS)}, not {options.split!r}")
     if options.backend not in ("hf", "vllm"):
         raise SddError(f"--backend must be hf or vllm, not {options.backend!r}")
     run_dir = RunDir(args.run)
@@ -122,9 +128,10 @@ def run(args: common.StageArgs) -> dict:
     checkpoint = common.resolve_checkpoint(run_dir, options.role, options.model)
     source_name = checkpoint.from_stage or slug(Path(checkpoint.path).name)
     benchmarks = {
-        bench: data.usable_problems(bench, data_dir=options.data_dir, registered=run_dir.datasets(),
-                                    problem_column=options.problem_column, answer_column=options.answer_column,
-                                    limit=options.limit)
+        bench: common.DataOptions.load_problems(
+            bench, run_dir.datasets(), data_dir=options.data_dir, problem_column=options.problem_column,
+            answer_column=options.answer_column, limit=options.limit, split=options.split,
+            split_seed=options.split_seed, split_fraction=options.split_fraction)
         for bench in options.benchmark
     }
 

@@ -28,19 +28,34 @@ class RlOptions(common.DataOptions):
     gate_samples: int = 8
     gate_temperature: float = 1.0
     backend: str = "hf"
+    # Optimizer steps taken on each rollout batch (the authors' train_batch_size / ppo_mini_batch_size,
+    # 512 / 128 = 4): sets TRL's `steps_per_generation` to this many gradient-accumulation windows, so
+    # the policy moves between the steps and the clipped ratio binds. 1 = on-policy (ratio always 1).
+    updates_per_rollout: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.updates_per_rollout, int) or self.updates_per_rollout < 1:
+            raise ValueError(f"updates_per_rollout must be a positive integer, not {self.updates_per_rollout!r}")
 
 
-# The paper's authors' recipe: DAPO token-mean loss, asymmetric clipping, no KL term, 8 rollouts
-# per prompt at temperature 1.0, lr 1e-6, weight decay 0.1, gradient clipping at 1.0.
+# The paper's authors' recipe (scripts/grpo/train_grpo.sh; docs/recipe.md has the sources): DAPO
+# token-mean loss, clip 0.2/0.28 with dual-clip c = 10 (TRL's two-sided `delta`), no KL term, 8
+# rollouts per prompt at temperature 1.0, constant lr 1e-6 with no warmup, weight decay 0.1,
+# gradient clipping at 1.0, one pass over each rollout batch (`num_iterations` 1) in 4 updates.
 DEFAULTS = {
     **common.TRAINER_DEFAULTS,
     "loss_type": "dapo",
     "epsilon": 0.2,
     "epsilon_high": 0.28,
+    "delta": 10.0,
     "beta": 0.0,
     "num_generations": 8,
+    "num_iterations": 1,
     "temperature": 1.0,
     "learning_rate": 1e-6,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
     "weight_decay": 0.1,
     "max_grad_norm": 1.0,
     "max_completion_length": 4096,
@@ -125,7 +140,21 @@ def configure(args: common.StageArgs, stage: str):
     # The backend picks TRL's rollout engine; explicit TRL fields (use_vllm, vllm_mode, ...) still win.
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
                   "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
+    trl_kwargs.update(rollout_schedule(options, trl_kwargs))
     return name, options, common.cfg.build_trl_config(GRPOConfig, trl_kwargs)
+
+
+def rollout_schedule(options: RlOptions, trl_kwargs: dict) -> dict:
+    """TRL's `steps_per_generation` for `updates_per_rollout` optimizer steps per rollout batch.
+
+    TRL counts `steps_per_generation` in micro-batches (gradient-accumulation steps), so one
+    generation feeding k optimizer steps needs k x gradient_accumulation_steps. A layer that sets
+    `steps_per_generation` or `generation_batch_size` itself wins.
+    """
+    if trl_kwargs.get("steps_per_generation") is not None or trl_kwargs.get("generation_batch_size") is not None:
+        return {}
+    accumulation = trl_kwargs.get("gradient_accumulation_steps", 1)
+    return {"steps_per_generation": options.updates_per_rollout * accumulation}
 
 
 def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...]) -> dict:

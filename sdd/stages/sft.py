@@ -8,6 +8,7 @@ same labelled data by imitation instead of by reward.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from sdd import data
 from sdd.errors import SddError
@@ -35,7 +36,8 @@ DEFAULTS = {
 }
 
 
-def run(args: common.StageArgs) -> dict:
+def configure(args: common.StageArgs):
+    """(stage name, sdd options, SFTConfig): every layer resolved, nothing loaded yet."""
     from trl import SFTConfig
 
     role = args.cli.get("role") or args.recipe.get("role") or "teacher"
@@ -45,16 +47,20 @@ def run(args: common.StageArgs) -> dict:
     options, trl_kwargs = common.resolve_options(
         ("sft", name), SftOptions, SFTConfig, args, {**common.device_defaults(), **DEFAULTS}
     )
+    trl_kwargs = {**trl_kwargs, "output_dir": str(Path(args.run) / name)}
+    return name, options, common.cfg.build_trl_config(SFTConfig, trl_kwargs)
+
+
+def run(args: common.StageArgs) -> dict:
+    name, options, trl_config = configure(args)
     run_dir = RunDir(args.run)
     start = common.resolve_checkpoint(run_dir, options.role, options.model)
     source = data.resolve(
         options.dataset, data_dir=options.data_dir, registered=run_dir.datasets(),
         problem_column=options.problem_column, answer_column=options.answer_column,
     )
-    records = data.load(source, limit=options.limit, require_solution=True)
-    stage_dir = run_dir.path / name
-    trl_kwargs = {**trl_kwargs, "output_dir": str(stage_dir)}
-    trl_config = common.cfg.build_trl_config(SFTConfig, trl_kwargs)
+    records = options.split_records(data.load(source, limit=None if options.split else options.limit,
+                                              require_solution=True))[: options.limit]
 
     tokenizer = load_tokenizer(start.path, trust_remote_code=options.trust_remote_code)
     rows = [

@@ -42,6 +42,9 @@ class WarmupOptions(common.DataOptions):
     sample_top_p: float = 0.8
     sample_top_k: int = 20
     max_new_tokens: int = 4096
+    # Longest prompt in tokens (the authors' max_prompt_length): with max_new_tokens it sets TRL's
+    # SFTConfig.max_length, so a teacher sample is never cut, unless a layer sets max_length itself.
+    max_prompt_length: int = 2048
     sample_seed: int = 0
     sample_batch_size: int | None = None
     # Prompts per flushed chunk of teacher samples: a kill loses at most one chunk, a SIGTERM waits for one.
@@ -281,7 +284,8 @@ def heldout_kl(student, teacher, rows: list[dict], vocab_size: int, pad_id: int,
     return result["divergence"]
 
 
-def run(args: common.StageArgs) -> dict:
+def configure(args: common.StageArgs):
+    """(stage name, sdd options, SFTConfig): every layer resolved, nothing loaded yet."""
     from trl import SFTConfig
 
     name = args.name or "warmup"
@@ -292,10 +296,34 @@ def run(args: common.StageArgs) -> dict:
         raise SddError(f"objective must be one of {', '.join(OBJECTIVES)}, not {options.objective!r}")
     if options.sample_chunk < 1:
         raise SddError(f"sample_chunk must be at least 1, not {options.sample_chunk}")
+    trl_kwargs = {**trl_kwargs, "max_length": sequence_limit(options, trl_kwargs.get("max_length", _UNSET))}
     # The dataset is pre-tokenized (the teacher's exact tokens), so TRL cannot infer completion-only
     # training from prompt/completion columns: without this the loss would also fit the prompt tokens.
     trl_config = common.cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name),
                                                         "completion_only_loss": True})
+    return name, options, trl_config
+
+
+_UNSET = object()
+
+
+def sequence_limit(options: WarmupOptions, max_length) -> int | None:
+    """SFTConfig.max_length: prompt + completion limits added up, or a set value checked against them.
+
+    TRL truncates longer sequences silently (the EOS and the answer go first); a limit that could
+    cut a teacher sample is refused instead. `max_length: null` means no limit at all.
+    """
+    needed = options.max_prompt_length + options.max_new_tokens
+    if max_length is _UNSET:
+        return needed
+    if max_length is not None and max_length < needed:
+        raise SddError(f"max_length {max_length} would cut teacher samples (max_prompt_length {options.max_prompt_length} "
+                       f"+ max_new_tokens {options.max_new_tokens} = {needed}); raise max_length, or leave it unset")
+    return max_length
+
+
+def run(args: common.StageArgs) -> dict:
+    name, options, trl_config = configure(args)
     run_dir = RunDir(args.run)
     teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
     student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name)
@@ -340,6 +368,10 @@ def run(args: common.StageArgs) -> dict:
         sequences = training_sequences(train_rows, options.only_correct)
         if not sequences:
             raise SddError("no teacher samples left to train on (only_correct kept none); sample more or drop only_correct")
+        longest = max(len(seq["input_ids"]) for seq in sequences)
+        if trl_config.max_length is not None and longest > trl_config.max_length:
+            raise SddError(f"a teacher sample is {longest} tokens, over max_length {trl_config.max_length}, and would be cut; "
+                           f"raise max_prompt_length (prompts are longer than {options.max_prompt_length} tokens) or max_length")
         student = load_causal_lm(student_in.path, trust_remote_code=options.trust_remote_code)
         student.to(device)
         pad_id = s_tok.pad_token_id
