@@ -72,6 +72,25 @@ def register_datasets(run_dir: Path, datasets: dict[str, str]) -> None:
             run.register_dataset(name, Path(path))
 
 
+def resolved_config(job: recipes.Job) -> dict | None:
+    """The job's sdd options and TRL config as its stage will resolve them (`sdd <stage> ... --print-config`).
+
+    Parsed by the CLI's own parser, so what is shown is what the command line means. Before the
+    run, a run dir has no config.yaml yet; the layers list says so (for recipes, `sdd run` hands
+    every value through the plan's --config file, so nothing is missing from the result).
+    """
+    if job.stage not in ("sft", "teacher-rl", "student-rl", "warmup", "distill", "eval"):
+        return None
+    import io
+
+    from sdd.cli import app
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        app(args=[*job.argv, "--print-config", "--json"], standalone_mode=False)
+    return json.loads(out.getvalue())
+
+
 # -- workers ------------------------------------------------------------------------------------
 def _worker_init(threads: int) -> None:
     import threading
@@ -245,7 +264,7 @@ def run(recipe_path: str, *, root: str, seeds: int | None, only: list[str] | Non
     chosen = select(planned, only)
     if as_json:
         print(json.dumps([{"id": j.id, "stage": j.stage, "run_dir": str(j.run_dir), "argv": j.argv, "after": j.after,
-                           "variant": j.variant, "seed": j.seed} for j in chosen], indent=2))
+                           "variant": j.variant, "seed": j.seed, "config": resolved_config(j)} for j in chosen], indent=2))
         return
     if slurm:
         submit_slurm(chosen, datasets, slurm, dry_run=dry_run, extra=list(slurm_args or []))
