@@ -1,4 +1,4 @@
-"""Is a model's final answer mathematically the gold answer? The GRPO reward and the eval metric.
+r"""Is a model's final answer mathematically the gold answer? The GRPO reward and the eval metric.
 
 Every verdict is bounded in time wherever it runs: the main thread, TRL's reward threads (where
 math-verify's own `signal.alarm` timeouts raise ValueError), and daemonic DataLoader workers (where
@@ -18,6 +18,35 @@ identical characters. A gold that does not parse is a data bug (a truncated extr
 rewarding a byte-for-byte copy of it would teach imitation of the bug, and no mathematically equal
 answer could ever score against it, so the score would measure formatting, not maths. Every gold in
 MATH-500, AIME 2024/2025 and AMC 2023 parses, so the rule costs nothing on real benchmarks.
+
+Answers in words, letters and units (decided case by case against math-verify 0.9 on MATH-500's and
+MATH-train's real golds; tests/test_verify.py holds every case as a table):
+- Multiple-choice letters: math-verify already equates gold \text{(C)} with C, (C), \text{C},
+  \textbf{(C)} and \mathrm{(C)}; kept. A letter with its choice's value (\textbf{(C)}\ 12) stays
+  wrong: the value cannot be checked against choice C here, and "letter, then anything" would pay
+  for "(C) or (D)". A lowercase c for gold (C) is math-verify's verdict (correct), kept.
+- Lists of letters ("enter the letters of the correct options, separated by commas"): math-verify
+  reads gold \text{B, D} as one symbol and the usual answer B, D as a set, so they never matched.
+  Decided here: when gold and answer are both comma-separated lists of capital letters (each
+  optionally in parentheses, \text{}/\textbf{}/\mathrm{}/\mbox{} wrappers and $ removed), they are
+  equal when they hold the same set of letters, in any order ("alphabetical order" in a problem is
+  formatting, not the answer). Wrong letters, missing or extra ones stay wrong; a duplicate letter
+  leaves the pair to math-verify. A block of letters with no commas (gold \text{ACF}) is not split:
+  it cannot be told from a word (\text{VW}, \text{MAKE}), so math-verify's verdict holds (ACF
+  equals ACF only).
+- Golds that are text (\text{Monday}, \text{east}, \text{June 20}, \text{1:03 PM}): math-verify
+  already accepts \text{Monday}, Monday, \textbf{Monday}, \text{monday}; but it turns the bare
+  words of June 20 or 1:03 PM into products of letters, so they never matched. Decided here: when
+  the gold is wholly one text command, an answer whose text, with the same wrappers, $ and spacing
+  commands removed, equals the gold's text up to case, runs of spaces and a final period is correct.
+  Anything else goes to math-verify (so \text{13} still equals 13); Tuesday for Monday, p.m. for PM,
+  "Navin (Mauritius)" for Navin stay wrong.
+- Units in the gold (5\text{ cm}, 864 \mbox{ inches}^2, \frac{270}7\text{ degrees}, 5.4 \text{
+  cents}): math-verify drops the unit from gold and answer, so 5, 5 cm, 5\,\text{cm}, 5\text{
+  centimeters} and \frac{270}{7}^\circ are all correct and 50 (or 50 \text{ mm}: units are not
+  converted) is wrong; kept. A ~ (LaTeX's unbreakable space, 5~\text{cm}) made math-verify give
+  up, so ~ reads as a space. A unit written as bare letters (15 cm^2) is algebra to math-verify
+  (15 c m^2) and stays wrong: dropping letters would make 15x equal 15.
 
 Measured on the 2-core development machine under a load of ~4 (tests/test_verify.py prints these):
 GRPO batches of 512 (64 problems x 8 completions, half correct) score at ~200,000/s when golds are
@@ -90,6 +119,12 @@ _PLAIN_RATIONAL = re.compile(
     r")"
 )
 _GOLD_PARSES_MAX = 100_000
+# Words and letters written as text; their content (no braces inside) is what counts.
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textrm|textit|textsf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+# Spacing a model puts between words or between a number and its unit.
+_SPACING = re.compile(r"\\(?:[ ,;:!]|quad|qquad)|(?<!\\)~")
+_TILDE = re.compile(r"(?<!\\)~")
+_CHOICE_LETTER = re.compile(r"\(?([A-Z])\)?")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -245,6 +280,12 @@ def _decide_without_worker(completion: str, gold) -> bool | tuple[str, str]:
     gold = _gold_text(gold)
     if not answer or not gold or len(answer) > MAX_ANSWER_CHARS:
         return False
+    answer, gold = _TILDE.sub(" ", answer).strip(), _TILDE.sub(" ", gold).strip()
+    if not answer or not gold:
+        return False
+    as_words = _compare_as_words(answer, gold)
+    if as_words is not None:
+        return as_words
     answer_value, gold_value = _plain_rational(answer), _plain_rational(gold)
     if answer_value is not None and gold_value is not None:
         # math-verify compares two sympy Rationals exactly (Integer ==, or simplify(a - b) == 0), and
@@ -253,6 +294,49 @@ def _decide_without_worker(completion: str, gold) -> bool | tuple[str, str]:
     if _collapse_space(answer) == _collapse_space(gold) and _gold_parses.get(gold):
         return True
     return (answer, gold)
+
+
+def _plain_words(latex: str) -> str | None:
+    """The text of `latex` with text commands, $ and spacing removed, casefolded; None if LaTeX remains."""
+    previous = None
+    while previous != latex:  # nested wrappers: \text{\textbf{C}}
+        previous, latex = latex, _TEXT_COMMAND.sub(lambda match: match.group(1), latex)
+    latex = _SPACING.sub(" ", latex.replace("$", ""))
+    if any(char in latex for char in "\\{}"):
+        return None
+    words = " ".join(latex.split()).removesuffix(".").strip()
+    return words.casefold() or None
+
+
+def _choice_letters(latex: str) -> frozenset[str] | None:
+    """The letters of "B, D" / "(B), (D)" / \text{B, D}; None unless every item is one capital letter."""
+    previous = None
+    while previous != latex:
+        previous, latex = latex, _TEXT_COMMAND.sub(lambda match: match.group(1), latex)
+    items = [item.strip() for item in _SPACING.sub(" ", latex.replace("$", "")).strip().removesuffix(".").split(",")]
+    letters = []
+    for item in items:
+        match = _CHOICE_LETTER.fullmatch(item)
+        if match is None:
+            return None
+        letters.append(match.group(1))
+    return frozenset(letters) if len(set(letters)) == len(letters) else None
+
+
+def _compare_as_words(answer: str, gold: str) -> bool | None:
+    """The verdicts decided in the module docstring for letters and text golds; None: ask math-verify."""
+    if len(gold) > MAX_ANSWER_CHARS:
+        return None
+    gold_letters = _choice_letters(gold)
+    if gold_letters is not None:
+        answer_letters = _choice_letters(answer)
+        if answer_letters is not None:
+            return answer_letters == gold_letters
+    if _TEXT_COMMAND.fullmatch(gold):
+        gold_words = _plain_words(gold)
+        if gold_words is not None and _plain_words(answer) == gold_words:
+            return True
+    return None
 
 
 # ---- the child processes ------------------------------------------------------------------------
