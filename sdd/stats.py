@@ -4,7 +4,11 @@ The bootstrap is two-level because an eval's noise has two sources: which proble
 happens to contain (resampled with the SAME indices for both variants, since both ran on the same
 problems: pairing removes problem difficulty from the comparison) and which training/sampling seeds we
 ran (resampled independently per variant, since seed 0 of one variant has nothing to do with seed 0 of
-the other).
+the other) - unless the two variants share a checkpoint per seed. `no-distill` evaluates the very warmup
+checkpoint that `rl-teacher-bridge` goes on to distill from, seed by seed, so seed k's luck is in both;
+resampled independently, that shared luck counts twice and the CI is too wide. `paired_seeds=True`
+draws one set of seed indices for both (seed k of a with seed k of b), which keeps the shared part
+out of the difference, as pairing problems does for problem difficulty.
 """
 
 from __future__ import annotations
@@ -77,33 +81,36 @@ def bootstrap_diff_ci(
     n_resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
+    paired_seeds: bool = False,
 ) -> dict:
-    """Percentile CI of mean(a) - mean(b) by a paired-problems, independent-seeds bootstrap.
+    """Percentile CI of mean(a) - mean(b) by a paired-problems bootstrap over seeds.
 
     a: (seeds_a, problems), b: (seeds_b, problems): per-seed, per-problem accuracy of two variants on
-    the same problems (a 1-D array is one seed). Returns diff (on the original data), lo, hi,
-    confidence, significant (0 outside [lo, hi]) and n_resamples.
+    the same problems (a 1-D array is one seed). Seeds are resampled independently per variant, or
+    jointly with `paired_seeds` (row k of a and row k of b come from one shared seed-k checkpoint;
+    needs the same number of rows). Returns diff (on the original data), lo, hi, confidence,
+    significant (0 outside [lo, hi]), n_resamples and paired_seeds.
     """
-    a_sp, b_sp = _check_pair(a, b)
+    a_sp, b_sp = _check_pair(a, b, paired_seeds)
     _check_level(confidence)
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    diffs_r = bootstrap_diffs(a_sp, b_sp, n_resamples=n_resamples, seed=seed)
+    diffs_r = bootstrap_diffs(a_sp, b_sp, n_resamples=n_resamples, seed=seed, paired_seeds=paired_seeds)
     tail = (1.0 - confidence) / 2.0
     lo, hi = np.quantile(diffs_r, [tail, 1.0 - tail])
-    return _ci_dict(a_sp, b_sp, float(lo), float(hi), confidence, n_resamples)
+    return _ci_dict(a_sp, b_sp, float(lo), float(hi), confidence, n_resamples, paired_seeds)
 
 
-def bootstrap_diffs(a, b, *, n_resamples: int = 10_000, seed: int = 0) -> np.ndarray:
+def bootstrap_diffs(a, b, *, n_resamples: int = 10_000, seed: int = 0, paired_seeds: bool = False) -> np.ndarray:
     """The n_resamples bootstrap statistics behind `bootstrap_diff_ci` (for plots and for checking).
 
-    One resample draws problem indices (shared by a and b), then seed indices for a and for b; its
-    statistic is mean(a[seeds_a][:, problems]) - mean(b[seeds_b][:, problems]). The mean over the
-    drawn grid is the mean over drawn seeds of each seed's mean over drawn problems, so per seed we
-    gather once (a[s][problem_idx_rp]: a cache-friendly take from one row) and never materialise
-    the (resamples, seeds, problems) array.
+    One resample draws problem indices (shared by a and b), then seed indices for a and for b (one
+    draw for both with `paired_seeds`); its statistic is mean(a[seeds_a][:, problems]) -
+    mean(b[seeds_b][:, problems]). The mean over the drawn grid is the mean over drawn seeds of each
+    seed's mean over drawn problems, so per seed we gather once (a[s][problem_idx_rp]: a
+    cache-friendly take from one row) and never materialise the (resamples, seeds, problems) array.
     """
-    a_sp, b_sp = _check_pair(a, b)
+    a_sp, b_sp = _check_pair(a, b, paired_seeds)
     rng = np.random.default_rng(seed)
     problems = a_sp.shape[1]
     diffs = []
@@ -111,42 +118,48 @@ def bootstrap_diffs(a, b, *, n_resamples: int = 10_000, seed: int = 0) -> np.nda
         block = min(_BLOCK, n_resamples - start)
         problem_idx_rp = rng.integers(0, problems, size=(block, problems))
         means = []
+        seed_idx_rs = None
         for scores_sp in (a_sp, b_sp):
             seeds = scores_sp.shape[0]
             # Column s: seed s's mean over this resample's problems.
             problem_mean_rs = np.stack([row[problem_idx_rp].mean(axis=1) for row in scores_sp], axis=1)
-            seed_idx_rs = rng.integers(0, seeds, size=(block, seeds))
+            if seed_idx_rs is None or not paired_seeds:
+                seed_idx_rs = rng.integers(0, seeds, size=(block, seeds))
             means.append(np.take_along_axis(problem_mean_rs, seed_idx_rs, axis=1).mean(axis=1))
         diffs.append(means[0] - means[1])
     return np.concatenate(diffs)
 
 
-def bootstrap_diff_ci_exact(a, b, confidence: float = 0.95) -> dict:
+def bootstrap_diff_ci_exact(a, b, confidence: float = 0.95, paired_seeds: bool = False) -> dict:
     """The same two-level bootstrap with every resample enumerated (tiny inputs only).
 
-    Every (problem indices, seed indices of a, seed indices of b) tuple is equally likely, so the
-    statistic's bootstrap distribution is exact; lo/hi are its inverse-CDF quantiles
-    (smallest v with P(diff <= v) >= q). It is the reference the Monte-Carlo version is tested against.
+    Every (problem indices, seed indices of a, seed indices of b) tuple - or (problem indices, shared
+    seed indices) with `paired_seeds` - is equally likely, so the statistic's bootstrap distribution is
+    exact; lo/hi are its inverse-CDF quantiles (smallest v with P(diff <= v) >= q). It is the
+    reference the Monte-Carlo version is tested against.
     """
-    a_sp, b_sp = _check_pair(a, b)
+    a_sp, b_sp = _check_pair(a, b, paired_seeds)
     _check_level(confidence)
-    values, probabilities = exact_bootstrap_distribution(a_sp, b_sp)
-    seeds_a, problems = a_sp.shape
-    seeds_b = b_sp.shape[0]
-    total = problems**problems * seeds_a**seeds_a * seeds_b**seeds_b
+    values, probabilities = exact_bootstrap_distribution(a_sp, b_sp, paired_seeds=paired_seeds)
     cdf = np.cumsum(probabilities)
     tail = (1.0 - confidence) / 2.0
     lo = _inverse_cdf(values, cdf, tail)
     hi = _inverse_cdf(values, cdf, 1.0 - tail)
-    return _ci_dict(a_sp, b_sp, lo, hi, confidence, total)
+    return _ci_dict(a_sp, b_sp, lo, hi, confidence, _exact_resamples(a_sp, b_sp, paired_seeds), paired_seeds)
 
 
-def exact_bootstrap_distribution(a, b) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct statistic values, their probabilities) over all equally likely resamples."""
-    a_sp, b_sp = _check_pair(a, b)
+def _exact_resamples(a_sp: np.ndarray, b_sp: np.ndarray, paired_seeds: bool) -> int:
     seeds_a, problems = a_sp.shape
     seeds_b = b_sp.shape[0]
-    total = problems**problems * seeds_a**seeds_a * seeds_b**seeds_b
+    return problems**problems * seeds_a**seeds_a * (1 if paired_seeds else seeds_b**seeds_b)
+
+
+def exact_bootstrap_distribution(a, b, *, paired_seeds: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct statistic values, their probabilities) over all equally likely resamples."""
+    a_sp, b_sp = _check_pair(a, b, paired_seeds)
+    seeds_a, problems = a_sp.shape
+    seeds_b = b_sp.shape[0]
+    total = _exact_resamples(a_sp, b_sp, paired_seeds)
     if total > _EXACT_MAX_RESAMPLES:
         raise ValueError(f"exact bootstrap would enumerate {total:,} resamples; use bootstrap_diff_ci")
     problem_draws = np.array(list(itertools.product(range(problems), repeat=problems)))
@@ -157,7 +170,10 @@ def exact_bootstrap_distribution(a, b) -> tuple[np.ndarray, np.ndarray]:
     problem_means_b_ps = b_sp[:, problem_draws].mean(axis=2).T
     mean_a_pd = problem_means_a_ps[:, seed_draws_a].mean(axis=2)  # (problem draws, seed draws a)
     mean_b_pd = problem_means_b_ps[:, seed_draws_b].mean(axis=2)
-    diffs = (mean_a_pd[:, :, None] - mean_b_pd[:, None, :]).ravel()
+    if paired_seeds:  # the same seed draw for both: the diagonal of the (draws a) x (draws b) grid
+        diffs = (mean_a_pd - mean_b_pd).ravel()
+    else:
+        diffs = (mean_a_pd[:, :, None] - mean_b_pd[:, None, :]).ravel()
     # Round away float noise so equal statistics reached by different sums collapse into one atom.
     values, counts = np.unique(np.round(diffs, 12), return_counts=True)
     return values, counts / counts.sum()
@@ -168,7 +184,7 @@ def _inverse_cdf(values: np.ndarray, cdf: np.ndarray, q: float) -> float:
     return float(values[min(index, len(values) - 1)])
 
 
-def _ci_dict(a_sp, b_sp, lo: float, hi: float, confidence: float, n_resamples: int) -> dict:
+def _ci_dict(a_sp, b_sp, lo: float, hi: float, confidence: float, n_resamples: int, paired_seeds: bool) -> dict:
     return {
         "diff": float(a_sp.mean() - b_sp.mean()),
         "lo": lo,
@@ -176,6 +192,7 @@ def _ci_dict(a_sp, b_sp, lo: float, hi: float, confidence: float, n_resamples: i
         "confidence": confidence,
         "significant": not (lo <= 0.0 <= hi),
         "n_resamples": n_resamples,
+        "paired_seeds": paired_seeds,
     }
 
 
@@ -184,7 +201,7 @@ def _check_level(confidence: float) -> None:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
 
-def _check_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(a, b, paired_seeds: bool = False) -> tuple[np.ndarray, np.ndarray]:
     a_sp = np.atleast_2d(np.asarray(a, dtype=float))
     b_sp = np.atleast_2d(np.asarray(b, dtype=float))
     if a_sp.ndim != 2 or b_sp.ndim != 2:
@@ -193,6 +210,8 @@ def _check_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"a and b must score the same, non-empty set of problems: shapes {a_sp.shape} and {b_sp.shape}"
         )
+    if paired_seeds and a_sp.shape[0] != b_sp.shape[0]:
+        raise ValueError(f"paired seeds need the same seeds in a and b, got {a_sp.shape[0]} and {b_sp.shape[0]}")
     if not (np.isfinite(a_sp).all() and np.isfinite(b_sp).all()):
         raise ValueError("a and b must be finite accuracies")
     return a_sp, b_sp

@@ -116,9 +116,14 @@ N_RESAMPLES = 10_000
         ([[0.0, 1.0, 0.5], [0.5, 1.0, 0.0], [1.0, 1.0, 0.5]], [[0.5, 0.0, 0.5]]),
     ],
 )
-def test_monte_carlo_bootstrap_matches_exhaustive_enumeration(a, b):
-    values, probabilities = exact_bootstrap_distribution(a, b)
-    diffs = np.sort(bootstrap_diffs(a, b, n_resamples=N_RESAMPLES, seed=0))
+@pytest.mark.parametrize("paired_seeds", [False, True])
+def test_monte_carlo_bootstrap_matches_exhaustive_enumeration(a, b, paired_seeds):
+    if paired_seeds and len(a) != len(b):
+        with pytest.raises(ValueError, match="same seeds"):
+            bootstrap_diffs(a, b, paired_seeds=True)
+        return
+    values, probabilities = exact_bootstrap_distribution(a, b, paired_seeds=paired_seeds)
+    diffs = np.sort(bootstrap_diffs(a, b, n_resamples=N_RESAMPLES, seed=0, paired_seeds=paired_seeds))
     # Kolmogorov distance between the Monte-Carlo and the exact distribution, over the exact atoms
     # (where both CDFs jump) and just below them.
     exact_cdf = np.cumsum(probabilities)
@@ -131,8 +136,9 @@ def test_monte_carlo_bootstrap_matches_exhaustive_enumeration(a, b):
     assert np.isin(np.round(diffs, 9), np.round(values, 9)).all()
 
     for confidence in (0.95, 0.8):
-        mc = bootstrap_diff_ci(a, b, n_resamples=N_RESAMPLES, confidence=confidence, seed=0)
-        exact = bootstrap_diff_ci_exact(a, b, confidence=confidence)
+        mc = bootstrap_diff_ci(a, b, n_resamples=N_RESAMPLES, confidence=confidence, seed=0, paired_seeds=paired_seeds)
+        exact = bootstrap_diff_ci_exact(a, b, confidence=confidence, paired_seeds=paired_seeds)
+        assert mc["paired_seeds"] == exact["paired_seeds"] == paired_seeds
         tail = (1 - confidence) / 2
         assert mc["diff"] == exact["diff"] == pytest.approx(np.mean(a) - np.mean(b))
         for key, q in (("lo", tail), ("hi", 1 - tail)):
@@ -203,3 +209,38 @@ def test_bootstrap_speed_at_eval_scale(capsys):
     with capsys.disabled():
         print(f"\nbootstrap_diff_ci: 10,000 resamples of 500 problems x 3 seeds in {elapsed:.3f} s")
     assert ci["n_resamples"] == 10_000 and ci["lo"] < ci["diff"] < ci["hi"]
+
+
+def test_paired_seeds_by_hand():
+    """One problem, two seeds, b = a seed by seed: paired, every resample's difference is 0.
+
+    Independently resampled, a's and b's drawn seed means (0, 0.5 or 1 with 1/4, 1/2, 1/4) differ:
+    the difference is -1 .. 1, with P(0) = 1/16 + 1/4 + 1/16 = 3/8.
+    """
+    a = [[0.0], [1.0]]
+    values, probabilities = exact_bootstrap_distribution(a, a, paired_seeds=True)
+    assert values.tolist() == [0.0] and probabilities.tolist() == [1.0]
+    values, probabilities = exact_bootstrap_distribution(a, a)
+    assert values.tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert probabilities.tolist() == [1 / 16, 1 / 4, 3 / 8, 1 / 4, 1 / 16]
+    ci = bootstrap_diff_ci_exact(a, a, paired_seeds=True)
+    assert (ci["lo"], ci["hi"], ci["n_resamples"], ci["paired_seeds"]) == (0.0, 0.0, 4, True)
+
+
+def test_pairing_seeds_removes_a_shared_seed_effect():
+    """Seed k of both variants starts from one checkpoint whose luck (-0.15, 0, +0.15) both inherit.
+
+    a beats b by 0.02 on every problem of every seed. Paired seeds see exactly 0.02; independent
+    seeds count the shared luck twice and the 95% interval (about +-0.2) contains 0.
+    """
+    base = np.random.default_rng(11).uniform(0.2, 0.8, size=300)
+    luck = np.array([[-0.15], [0.0], [0.15]])
+    b = base[None, :] + luck
+    a = b + 0.02
+    paired = bootstrap_diff_ci(a, b, n_resamples=2000, paired_seeds=True)
+    independent = bootstrap_diff_ci(a, b, n_resamples=2000)
+    assert paired["lo"] == pytest.approx(0.02) and paired["hi"] == pytest.approx(0.02) and paired["significant"]
+    assert independent["lo"] < 0 < independent["hi"] and not independent["significant"]
+    assert paired["diff"] == independent["diff"] == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="same seeds"):
+        bootstrap_diff_ci(a, b[:2], paired_seeds=True)
