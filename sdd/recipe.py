@@ -27,10 +27,12 @@ from sdd.errors import SddError
 STAGE_KINDS = ("sft", "teacher-rl", "warmup", "distill", "student-rl", "eval")
 # Recipe `stages:` sections: a stage kind, or one of the shared stages by name (the bootstrap SFT of
 # either model, the SFT-teacher control), whose options go over those of its kind.
-STAGE_SECTIONS = (*STAGE_KINDS, "sft-teacher", "sft-student", "teacher-sft")
+STAGE_SECTIONS = (*STAGE_KINDS, "sft-teacher", "sft-student", "teacher-sft", "teacher-rl-half")
 
 # Which teacher a variant bridges from, and which student stages it runs, in order.
 # "warmup-sft" is warmup with hard labels on the same teacher samples (sequence-level KD).
+# `data` (optional) names the split of the training set a step uses (see DataOptions.split); with
+# a recipe `split:`, steps without one train on "train", the first 80%.
 BUILTIN_VARIANTS: dict[str, dict[str, Any]] = {
     "rl-teacher-bridge": {"teacher": "rl", "steps": ["warmup", "distill"]},
     "direct-grpo": {"teacher": None, "steps": ["student-rl"]},
@@ -39,8 +41,21 @@ BUILTIN_VARIANTS: dict[str, dict[str, Any]] = {
     "no-warmup": {"teacher": "rl", "steps": ["distill"]},
     "no-distill": {"teacher": "rl", "steps": ["warmup"]},
     "sft-on-teacher-samples": {"teacher": "rl", "steps": ["warmup-sft"]},
+    # Stage 3, student GRPO after the bridge (needs a recipe `split:`): the teacher ("rl-half") and the
+    # bridge see half A of the training labels; student GRPO then gets half B, labels the teacher never
+    # saw. The replay control runs the same student GRPO (same options, so the same number of updates)
+    # on half A again: no new labels. Their difference is what new labels add after the bridge.
+    "stage3-new-labels": {"teacher": "rl-half", "steps": ["warmup", "distill", "student-rl"],
+                          "data": {"warmup": "train-a", "distill": "train-a", "student-rl": "train-b"}},
+    "stage3-replay": {"teacher": "rl-half", "steps": ["warmup", "distill", "student-rl"],
+                      "data": {"warmup": "train-a", "distill": "train-a", "student-rl": "train-a"}},
 }
-TEACHERS = ("rl", "raw", "sft")
+# What a recipe runs when it lists no variants: the paper's experiment, controls and ablations.
+DEFAULT_VARIANTS = ["rl-teacher-bridge", "direct-grpo", "raw-teacher-bridge", "sft-teacher-bridge", "no-warmup",
+                    "no-distill", "sft-on-teacher-samples"]
+TEACHERS = ("rl", "raw", "sft", "rl-half")
+SPLITS = ("train", "heldout", "train-a", "train-b")  # sdd.stages.common.DataOptions.SPLITS, without importing torch
+SPLIT_KEYS = ("seed", "fraction", "heldout_eval")
 STEP_KINDS = ("warmup", "warmup-sft", "distill", "student-rl")
 
 # The comparisons the report computes paired bootstrap CIs for: (variant, reference).
@@ -51,6 +66,7 @@ COMPARISONS = [
     ("no-warmup", "rl-teacher-bridge"),
     ("no-distill", "rl-teacher-bridge"),
     ("sft-on-teacher-samples", "rl-teacher-bridge"),
+    ("stage3-new-labels", "stage3-replay"),
 ]
 
 
@@ -69,11 +85,17 @@ class Recipe:
     seeds: int = 3
     bootstrap: bool = False  # supervised bootstrap of both models first (the toy's models start random)
     student_rl_after_bridge: bool = False
-    variants: list[str] = dataclasses.field(default_factory=lambda: list(BUILTIN_VARIANTS))
+    variants: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_VARIANTS))
     custom_variants: dict[str, dict] = dataclasses.field(default_factory=dict)
     stages: dict[str, dict] = dataclasses.field(default_factory=dict)
     eval: dict[str, Any] = dataclasses.field(default_factory=dict)
     datasets: dict[str, str] = dataclasses.field(default_factory=dict)  # names registered in every run dir
+    # The authors' data protocol: {seed: 42, fraction: 0.8, heldout_eval: {eval options}}. Training
+    # stages then use the first `fraction` of the seeded shuffle of train_dataset, and every teacher
+    # and every variant's final student is also evaluated on the held-out rest (eval job
+    # `eval-heldout`, benchmark label `<train_dataset>:heldout`; `heldout_eval` overrides the recipe's
+    # eval options for it, e.g. fewer samples). None (the default) trains on all of train_dataset.
+    split: dict[str, Any] | None = None
 
     def variant(self, name: str) -> dict:
         return self.custom_variants.get(name) or BUILTIN_VARIANTS[name]
@@ -97,11 +119,31 @@ def load(path: str | Path) -> Recipe:
             raise SddError(f"recipe {path}: '{key}' must be a non-empty list")
     if not isinstance(recipe.seeds, int) or recipe.seeds < 1:
         raise SddError(f"recipe {path}: 'seeds' must be a positive integer")
+    if recipe.split is not None:
+        if recipe.split is True:
+            recipe.split = {}
+        if not isinstance(recipe.split, dict) or set(recipe.split) - set(SPLIT_KEYS):
+            raise SddError(f"recipe {path}: 'split' must be a mapping with keys {', '.join(SPLIT_KEYS)} "
+                           "(e.g. split: {seed: 42, fraction: 0.8})")
+        fraction = recipe.split.get("fraction", 0.8)
+        if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise SddError(f"recipe {path}: split.fraction must be between 0 and 1, not {fraction!r}")
+        if not isinstance(recipe.split.get("seed", 42), int):
+            raise SddError(f"recipe {path}: split.seed must be an integer")
+        if not isinstance(recipe.split.get("heldout_eval", {}), dict):
+            raise SddError(f"recipe {path}: split.heldout_eval must be a mapping of eval option: value")
     for name, spec in recipe.custom_variants.items():
-        if not isinstance(spec, dict) or set(spec) - {"teacher", "steps"} or not isinstance(spec.get("steps"), list):
-            raise SddError(f"recipe {path}: custom variant '{name}' must be {{teacher: rl|raw|sft|null, steps: [...]}}")
+        if (not isinstance(spec, dict) or set(spec) - {"teacher", "steps", "data"}
+                or not isinstance(spec.get("steps"), list) or not isinstance(spec.get("data", {}), dict)):
+            raise SddError(f"recipe {path}: custom variant '{name}' must be "
+                           "{teacher: rl|raw|sft|rl-half|null, steps: [...], data: {step: split}}")
         if spec.get("teacher") not in (*TEACHERS, None):
-            raise SddError(f"recipe {path}: custom variant '{name}' has teacher {spec.get('teacher')!r}; use rl, raw, sft or null")
+            raise SddError(f"recipe {path}: custom variant '{name}' has teacher {spec.get('teacher')!r}; "
+                           "use rl, raw, sft, rl-half or null")
+        for step, split in spec.get("data", {}).items():
+            if step not in STEP_KINDS or split not in SPLITS:
+                raise SddError(f"recipe {path}: custom variant '{name}' data: '{step}: {split}' must map a step "
+                               f"({', '.join(STEP_KINDS)}) to a split ({', '.join(SPLITS)})")
         for step in spec["steps"]:
             if step not in STEP_KINDS:
                 raise SddError(f"recipe {path}: custom variant '{name}' has unknown step '{step}' (steps: {', '.join(STEP_KINDS)})")
@@ -112,6 +154,10 @@ def load(path: str | Path) -> Recipe:
     for name in recipe.variants:
         if name not in known:
             raise SddError(f"recipe {path}: unknown variant '{name}' (built in: {', '.join(BUILTIN_VARIANTS)})")
+        spec = recipe.variant(name)
+        if recipe.split is None and (spec.get("data") or spec.get("teacher") == "rl-half"):
+            raise SddError(f"recipe {path}: variant '{name}' trains on parts of the training set; "
+                           "add 'split: {seed: 42, fraction: 0.8}' to the recipe")
     for kind, section in recipe.stages.items():
         if kind not in STAGE_SECTIONS:
             raise SddError(f"recipe {path}: 'stages' has unknown stage '{kind}' (stages: {', '.join(STAGE_SECTIONS)})")
@@ -180,7 +226,7 @@ class Planner:
             raise SddError(f"the plan has two different '{name}' stages in {run_dir}; rename one variant's stage")
         command = {"toy-init": ["toy", "init", str(run_dir)]}.get(stage, [stage, "--run", str(run_dir), "--name", name])
         argv = [*command, *args, *self._config_file(stage, options)]
-        records = [f"{name}-{slug(b)}" for b in self.recipe.benchmarks] if stage == "eval" else [name]
+        records = [f"{name}-{slug(b)}" for b in options["benchmark"]] if stage == "eval" else [name]
         job = Job(job_id, run_dir, stage, name, argv, list(after), variant, seed, records)
         self.jobs[job_id] = job
         self.by_key[key] = job_id
@@ -204,6 +250,17 @@ class Planner:
         base.update({k: v for k, v in extra.items() if v is not None})
         return base
 
+    def split_options(self, part: str | None) -> dict:
+        """DataOptions for one part of the seeded split of train_dataset; nothing without a recipe `split:`."""
+        if self.recipe.split is None or part is None:
+            return {}
+        return {"split": part, "split_seed": self.recipe.split.get("seed", 42),
+                "split_fraction": float(self.recipe.split.get("fraction", 0.8))}
+
+    def sft_split(self) -> str | None:
+        """SFT data is held out like the RL data only when it is the same dataset (no sft_dataset)."""
+        return "train" if not self.recipe.sft_dataset else None
+
     def data_args(self) -> list[str]:
         return ["--data-dir", self.recipe.data_dir] if self.recipe.data_dir else []
 
@@ -222,10 +279,12 @@ class Planner:
         teacher_raw, student_start, deps_t, deps_s = teacher_base, student_base, after_init, after_init
         if r.bootstrap:
             sft_data = r.sft_dataset or r.train_dataset
-            sft_t = self.add(run_dir=self.shared, stage="sft", name="sft-teacher", options=self.stage_options("sft", "sft-teacher"),
+            sft_t = self.add(run_dir=self.shared, stage="sft", name="sft-teacher",
+                             options=self.stage_options("sft", "sft-teacher", **self.split_options(self.sft_split())),
                              args=["--role", "teacher", "--model", teacher_base, "--dataset", sft_data, *self.data_args()],
                              after=after_init)
-            sft_s = self.add(run_dir=self.shared, stage="sft", name="sft-student", options=self.stage_options("sft", "sft-student"),
+            sft_s = self.add(run_dir=self.shared, stage="sft", name="sft-student",
+                             options=self.stage_options("sft", "sft-student", **self.split_options(self.sft_split())),
                              args=["--role", "student", "--model", student_base, "--dataset", sft_data, *self.data_args()],
                              after=after_init)
             teacher_raw, student_start = self.final(sft_t), self.final(sft_s)
@@ -235,11 +294,16 @@ class Planner:
         wanted = {r.variant(v).get("teacher") for v in r.variants}
         if "rl" in wanted:
             rl = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl", args=["--model", teacher_raw, *train],
-                          options=self.stage_options("teacher-rl"), after=deps_t)
+                          options=self.stage_options("teacher-rl", **self.split_options("train")), after=deps_t)
             teachers["rl"] = (self.final(rl), [rl.id])
+        if "rl-half" in wanted:
+            half = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl-half",
+                            args=["--model", teacher_raw, *train], after=deps_t,
+                            options=self.stage_options("teacher-rl", "teacher-rl-half", **self.split_options("train-a")))
+            teachers["rl-half"] = (self.final(half), [half.id])
         if "sft" in wanted:
             sft_data = r.sft_dataset or r.train_dataset
-            control_options = self.stage_options("sft", "teacher-sft")
+            control_options = self.stage_options("sft", "teacher-sft", **self.split_options(self.sft_split()))
             control = self.add(run_dir=self.shared, stage="sft", name="teacher-sft", options=control_options,
                                args=["--role", "teacher", "--model", teacher_raw, "--dataset", sft_data, *self.data_args()],
                                after=deps_t)
@@ -247,17 +311,21 @@ class Planner:
         for which, (path, deps) in teachers.items():
             if which in wanted or which == "raw":
                 self.add_eval(self.shared, f"eval-teacher-{which}", path, "teacher", deps, None, None)
+                self.add_heldout_eval(self.shared, f"eval-heldout-teacher-{which}", path, "teacher", deps, None, None)
         self.add_eval(self.shared, "eval-student-base", student_start, "student", deps_s, None, None)
+        self.add_heldout_eval(self.shared, "eval-heldout-student-base", student_start, "student", deps_s, None, None)
         for variant in r.variants:
             spec = r.variant(variant)
             steps = list(spec["steps"])
             if variant == "rl-teacher-bridge" and r.student_rl_after_bridge:
                 steps.append("student-rl")
             for seed in range(self.seeds):
-                self.plan_variant(variant, spec.get("teacher"), steps, seed, teachers, student_start, deps_s, train)
+                self.plan_variant(variant, spec.get("teacher"), steps, seed, teachers, student_start, deps_s, train,
+                                  spec.get("data"))
         return self.ordered()
 
-    def plan_variant(self, variant, teacher_kind, steps, seed, teachers, student_start, deps_s, train) -> None:
+    def plan_variant(self, variant, teacher_kind, steps, seed, teachers, student_start, deps_s, train,
+                     data: dict | None = None) -> None:
         run_dir = self.root / variant / f"seed{seed}"
         student, deps = student_start, list(deps_s)
         teacher_path, teacher_deps = teachers.get(teacher_kind, (None, []))
@@ -271,6 +339,7 @@ class Planner:
                 extra["sample_cache"] = str(self.root / "cache" / "teacher-samples")  # shared by warmup and warmup-sft
             if step == "warmup-sft":
                 extra["objective"] = "sft"
+            extra.update(self.split_options((data or {}).get(step, "train")))
             options = self.stage_options(kind, **extra)
             args = ["--student" if kind in ("warmup", "distill") else "--model", student, *train]
             if kind in ("warmup", "distill"):
@@ -280,9 +349,22 @@ class Planner:
                            variant=variant, seed=seed)
             student, deps = self.final(job), [job.id]
         self.add_eval(run_dir, "eval", student, "student", deps, variant, seed)
+        self.add_heldout_eval(run_dir, "eval-heldout", student, "student", deps, variant, seed)
 
     def add_eval(self, run_dir: Path, name: str, model: str, role: str, deps: list[str], variant, seed) -> Job:
         options = {"seeds": 1, **self.stage_options("eval"), **self.recipe.eval, "benchmark": self.recipe.benchmarks}
+        args = ["--model", model, "--role", role, *self.data_args()]
+        return self.add(run_dir=run_dir, stage="eval", name=name, args=args, options=options, after=deps,
+                        variant=variant, seed=seed)
+
+    def add_heldout_eval(self, run_dir: Path, name: str, model: str, role: str, deps: list[str], variant,
+                         seed) -> Job | None:
+        """With a recipe `split:`, the model on the held-out part of train_dataset (the authors' val_dapo)."""
+        if self.recipe.split is None:
+            return None
+        options = {"seeds": 1, **self.stage_options("eval"), **self.recipe.eval,
+                   **(self.recipe.split.get("heldout_eval") or {}), "benchmark": [self.recipe.train_dataset],
+                   **self.split_options("heldout")}
         args = ["--model", model, "--role", role, *self.data_args()]
         return self.add(run_dir=run_dir, stage="eval", name=name, args=args, options=options, after=deps,
                         variant=variant, seed=seed)

@@ -167,7 +167,7 @@ def run(args: common.StageArgs) -> dict:
                     rows = _seed_rows(stage.dir / "samples-greedy.jsonl", provenance, sampling, 0,
                                       greedy=True, label=f"{bench} greedy")
                     metrics["greedy"] = sum(r["correct"][0] for r in rows) / len(rows)
-                metrics.update(benchmark=bench, evaluates=checkpoint.from_stage or checkpoint.path,
+                metrics.update(benchmark=bench if options.split is None else f"{bench}:{options.split}", evaluates=checkpoint.from_stage or checkpoint.path,
                                skipped_unparsable_golds=skipped)
                 atomic_write_text(stage.dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
                 common.finish(stage, metrics=metrics)
