@@ -5,6 +5,15 @@ differences that carry the paper's claims (bridge vs direct GRPO, vs a raw or SF
 each ablation vs the full bridge) a paired bootstrap 95% CI that resamples problems (paired:
 every variant saw the same problems with the same sampling seeds) and training seeds. A
 difference whose CI contains 0 is marked not significant, whatever its sign.
+
+The CIs use the same numbers as the table: each problem's accuracy pools the samples of every eval
+seed (samples-seed0.jsonl, samples-seed1.jsonl, ...). Training seeds are resampled independently per
+variant, except when the manifests show that the two variants share a checkpoint seed by seed
+(`no-distill` evaluates the warmup that `rl-teacher-bridge` distills from): then seed k of one is
+drawn with seed k of the other (`stats.bootstrap_diff_ci(paired_seeds=True)`), since the shared
+checkpoint's luck is in both and cancels in their difference. Variants that share only data per
+seed (the warmup teacher samples of `sft-on-teacher-samples`) are not detected and stay independent:
+their CIs err on the wide side.
 """
 
 from __future__ import annotations
@@ -19,16 +28,32 @@ from sdd.recipe import BUILTIN_VARIANTS, COMPARISONS
 
 
 def eval_records(run_dir: Path) -> dict[str, dict]:
-    """Finished eval records of a run dir, by benchmark, with their per-problem correctness matrix."""
+    """Finished eval records of a run dir, by (stage name, benchmark); samples are read when needed."""
     out = {}
     for name, record in RunDir(run_dir).stages().items():
         metrics = record.get("metrics", {})
         if record.get("stage") != "eval" or record.get("status") != "done" or "benchmark" not in metrics:
             continue
-        samples = run_dir / name / "samples-seed0.jsonl"
-        rows = [json.loads(line) for line in samples.read_text().splitlines()[1:]] if samples.is_file() else []
-        out[(name, metrics["benchmark"])] = {"metrics": metrics, "rows": rows}
+        out[(name, metrics["benchmark"])] = {"metrics": metrics, "dir": run_dir / name, "record": record}
     return out
+
+
+def eval_rows(entry: dict) -> list[dict]:
+    """Per-problem correctness `{"id", "correct"}` pooled over every eval seed, as avg@k pools them."""
+    if "rows" in entry:
+        return entry["rows"]
+    seeds = int(entry["metrics"].get("seeds", 1))
+    pooled: dict[str, list[bool]] = {}
+    for seed in range(seeds):
+        path = entry["dir"] / f"samples-seed{seed}.jsonl"
+        if not path.is_file():
+            raise SddError(f"{path} is missing but its eval recorded {seeds} seeds; rerun that eval (it resumes) "
+                           "or restore the file")
+        for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+            row = json.loads(line)
+            pooled.setdefault(row["id"], []).extend(row["correct"])
+    entry["rows"] = [{"id": problem_id, "correct": correct} for problem_id, correct in pooled.items()]
+    return entry["rows"]
 
 
 def collect(root: Path) -> tuple[dict, dict]:
@@ -48,20 +73,71 @@ def collect(root: Path) -> tuple[dict, dict]:
 
 
 def per_problem(entry: dict) -> list[float]:
-    return [sum(row["correct"]) / len(row["correct"]) for row in entry["rows"]]
+    return [sum(row["correct"]) / len(row["correct"]) for row in eval_rows(entry)]
 
 
 def matrix(by_seed: dict[int, dict]):
-    """(seeds, problems) accuracy matrix, problems aligned by id across seeds."""
+    """(training seeds, problems) accuracy matrix over all eval seeds, problems aligned by id across seeds."""
     import numpy as np
 
     seeds = sorted(by_seed)
-    ids = [row["id"] for row in by_seed[seeds[0]]["rows"]]
+    ids = [row["id"] for row in eval_rows(by_seed[seeds[0]])]
     table = []
     for seed in seeds:
-        acc = {row["id"]: sum(row["correct"]) / len(row["correct"]) for row in by_seed[seed]["rows"]}
+        acc = {row["id"]: sum(row["correct"]) / len(row["correct"]) for row in eval_rows(by_seed[seed])}
+        missing = [i for i in ids if i not in acc]
+        if missing:
+            raise SddError(f"{by_seed[seed]['dir']} has no samples for problem {missing[0]} that seed {seeds[0]} "
+                           "evaluated; rerun that eval on the same problems")
         table.append([acc[i] for i in ids])
     return np.array(table), ids
+
+
+def checkpoint_index(root: Path) -> dict[str, dict]:
+    """fingerprint -> the finished stage record that wrote that checkpoint, over every manifest under root."""
+    index: dict[str, dict] = {}
+    for manifest in sorted(root.rglob(MANIFEST_NAME)):
+        for record in RunDir(manifest.parent).stages().values():
+            if record.get("status") != "done":
+                continue
+            for output in (record.get("outputs") or {}).values():
+                if isinstance(output, dict) and output.get("fingerprint"):
+                    index.setdefault(output["fingerprint"], record)
+    return index
+
+
+def lineage(record: dict, index: dict[str, dict]) -> set[str]:
+    """Fingerprints of every checkpoint (and data file) a stage's inputs descend from, through the manifests."""
+    seen: set[str] = set()
+    frontier = [record]
+    while frontier:
+        current = frontier.pop()
+        for entry in (current.get("inputs") or {}).values():
+            found = entry.get("fingerprint") if isinstance(entry, dict) else None
+            if found and found not in seen:
+                seen.add(found)
+                if found in index:
+                    frontier.append(index[found])
+    return seen
+
+
+def shares_checkpoint_per_seed(by_seed_a: dict[int, dict], by_seed_b: dict[int, dict], index: dict[str, dict]) -> bool:
+    """Whether, for every seed k, a's and b's evaluated models descend from one checkpoint that is seed k's alone.
+
+    A checkpoint every seed descends from (the student base, the RL teacher) is no reason to pair:
+    it moves all seeds alike. One made by seed k (the warmup of rl-teacher-bridge/seed<k>, which
+    no-distill/seed<k> evaluates) puts seed k's luck into both variants.
+    """
+    seeds = sorted(by_seed_a)
+    if seeds != sorted(by_seed_b) or len(seeds) < 2:
+        return False
+    lineage_a = {s: lineage(by_seed_a[s].get("record", {}), index) for s in seeds}
+    lineage_b = {s: lineage(by_seed_b[s].get("record", {}), index) for s in seeds}
+    for seed in seeds:
+        elsewhere = set().union(*(lineage_a[other] | lineage_b[other] for other in seeds if other != seed))
+        if not (lineage_a[seed] & lineage_b[seed]) - elsewhere:
+            return False
+    return True
 
 
 def accuracy_key(metrics: dict) -> str:
@@ -98,6 +174,7 @@ def run(root: Path, *, out: Path | None = None, resamples: int = 10_000) -> dict
         summary["reference"][name] = {b: {"metric": accuracy_key(e["metrics"]), "mean": e["metrics"][accuracy_key(e["metrics"])],
                                           "std_seeds": e["metrics"].get(f"{accuracy_key(e['metrics'])}_std_seeds")}
                                       for b, e in benches.items()}
+    index = checkpoint_index(root) if any(a in variants and b in variants for a, b in COMPARISONS) else {}
     for a, b in COMPARISONS:
         for bench in benchmarks:
             if bench not in variants.get(a, {}) or bench not in variants.get(b, {}):
@@ -106,7 +183,8 @@ def run(root: Path, *, out: Path | None = None, resamples: int = 10_000) -> dict
             m_b, ids_b = matrix(variants[b][bench])
             if ids_a != ids_b:
                 raise SddError(f"{a} and {b} were evaluated on different {bench} problems; re-run their evals")
-            ci = stats.bootstrap_diff_ci(m_a, m_b, n_resamples=resamples, seed=0)
+            paired = shares_checkpoint_per_seed(variants[a][bench], variants[b][bench], index)
+            ci = stats.bootstrap_diff_ci(m_a, m_b, n_resamples=resamples, seed=0, paired_seeds=paired)
             summary["comparisons"].append({"variant": a, "reference": b, "benchmark": bench, **ci})
     summary["curves"] = training_curves(root)
     markdown = render_markdown(summary, benchmarks)
@@ -151,11 +229,15 @@ def render_markdown(summary: dict, benchmarks: list[str]) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if summary["comparisons"]:
         lines += ["", "## Paired differences (bootstrap over problems and seeds, 95% CI)", "",
-                  "| comparison | benchmark | difference (points) | 95% CI | significant |", "|---|---|---|---|---|"]
+                  "Problems are paired; training seeds are paired where the two variants share a checkpoint "
+                  "per seed, else resampled independently. Every eval seed's samples count.", "",
+                  "| comparison | benchmark | difference (points) | 95% CI | significant | training seeds |",
+                  "|---|---|---|---|---|---|"]
         for c in summary["comparisons"]:
             verdict = "yes" if c["significant"] else "no (CI contains 0)"
+            seeds = "paired (shared checkpoint per seed)" if c.get("paired_seeds") else "independent"
             lines.append(f"| {c['variant']} − {c['reference']} | {c['benchmark']} | {100 * c['diff']:+.1f} | "
-                         f"[{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {verdict} |")
+                         f"[{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {verdict} | {seeds} |")
     return "\n".join(lines) + "\n"
 
 
