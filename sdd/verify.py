@@ -280,17 +280,18 @@ def _decide_without_worker(completion: str, gold) -> bool | tuple[str, str]:
     gold = _gold_text(gold)
     if not answer or not gold or len(answer) > MAX_ANSWER_CHARS:
         return False
-    answer, gold = _TILDE.sub(" ", answer).strip(), _TILDE.sub(" ", gold).strip()
-    if not answer or not gold:
-        return False
-    as_words = _compare_as_words(answer, gold)
-    if as_words is not None:
-        return as_words
+    if "~" in answer or "~" in gold:  # LaTeX's unbreakable space, which math-verify cannot read
+        answer, gold = _TILDE.sub(" ", answer).strip(), _TILDE.sub(" ", gold).strip()
+        if not answer or not gold:
+            return False
     answer_value, gold_value = _plain_rational(answer), _plain_rational(gold)
     if answer_value is not None and gold_value is not None:
         # math-verify compares two sympy Rationals exactly (Integer ==, or simplify(a - b) == 0), and
         # 27.0 rounds to 27 at its 6 decimals, so exact comparison here is its verdict, ~1,000x faster.
         return answer_value == gold_value
+    as_words = _compare_as_words(answer, gold)
+    if as_words is not None:
+        return as_words
     if _collapse_space(answer) == _collapse_space(gold) and _gold_parses.get(gold):
         return True
     return (answer, gold)
