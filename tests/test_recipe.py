@@ -99,3 +99,182 @@ def test_slurm_scripts_parse(script):
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+# -- the published recipe: every value checked against docs/recipe.md --------------------------------
+QWEN = REPO / "examples" / "recipes" / "qwen3-8b-to-1.7b.yaml"
+TABLE_JOBS = {  # docs/recipe.md "Stage" -> (job id in the Qwen plan, stage kind for sdd's defaults)
+    "teacher-rl": ("shared:teacher-rl", "teacher-rl"),
+    "teacher-rl-half": ("shared:teacher-rl-half", "teacher-rl"),
+    "student-rl": ("direct-grpo/seed0:student-rl", "student-rl"),
+    "stage3-new-labels": ("stage3-new-labels/seed0:student-rl", "student-rl"),
+    "stage3-replay": ("stage3-replay/seed0:student-rl", "student-rl"),
+    "warmup": ("rl-teacher-bridge/seed0:warmup", "warmup"),
+    "distill": ("rl-teacher-bridge/seed0:distill", "distill"),
+    "eval": ("rl-teacher-bridge/seed0:eval", "eval"),
+    "eval-heldout": ("rl-teacher-bridge/seed0:eval-heldout", "eval"),
+    "teacher-sft": ("shared:teacher-sft", "sft"),
+}
+
+
+def recipe_table() -> list[dict]:
+    """The rows of docs/recipe.md's table, by column name."""
+    lines = (REPO / "docs" / "recipe.md").read_text().split("## The table", 1)[1].splitlines()
+    rows = [line for line in lines if line.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in row.strip("|").split("|")), strict=True)) for row in rows[2:]]
+
+
+def checked(cell: str):
+    """A backticked cell's value (YAML), or None for plain text, which the test does not check."""
+    if not (cell.startswith("`") and cell.endswith("`")):
+        return None
+    return ("value", yaml.safe_load(cell.strip("`")))
+
+
+def same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def lookup(config: dict, key: str):
+    part, field = key.split(".", 1)
+    return config[part][field]
+
+
+def test_recipe_table_matches(tmp_path):
+    """Every checked value in docs/recipe.md is the one sdd resolves (recipe and defaults), and every
+    row whose authors' value differs from sdd's gives a reason."""
+    from sdd.stages import common, resolved
+    from sdd.stages.run import resolved_config
+
+    table = recipe_table()
+    assert len(table) > 80 and {r["Stage"] for r in table} <= set(TABLE_JOBS)
+    jobs = {j.id: j for j in recipes.plan(recipes.load(QWEN), tmp_path / "q3")[0]}
+    configs = {stage: resolved_config(jobs[job_id]) for stage, (job_id, _) in TABLE_JOBS.items()}
+    defaults = {kind: resolved.resolve(kind, common.StageArgs(run=str(tmp_path / "empty")))
+                for kind in {kind for _, kind in TABLE_JOBS.values()}}
+    assert not (tmp_path / "empty").exists()  # resolving writes nothing
+    problems = []
+    for row in table:
+        where = f"{row['Stage']} {row['Hyperparameter']}"
+        authors, default, recipe = checked(row["Authors"]), checked(row["sdd default"]), checked(row["Recipe"])
+        if row["Key"] != "-":
+            if recipe and not same(lookup(configs[row["Stage"]], row["Key"]), recipe[1]):
+                problems.append(f"{where}: recipe resolves {lookup(configs[row['Stage']], row['Key'])!r}, table says {recipe[1]!r}")
+            kind = TABLE_JOBS[row["Stage"]][1]
+            if default and not same(lookup(defaults[kind], row["Key"]), default[1]):
+                problems.append(f"{where}: sdd default is {lookup(defaults[kind], row['Key'])!r}, table says {default[1]!r}")
+        differs = authors and any(other and not same(authors[1], other[1]) for other in (default, recipe))
+        if differs and not row["Why different"]:
+            problems.append(f"{where}: differs from the authors' value with no reason given")
+    assert not problems, "\n".join(problems)
+
+
+def test_dry_run_json_shows_resolved_config_and_writes_no_run_dir(tmp_path):
+    root = tmp_path / "exp"
+    out = subprocess.run([sys.executable, "-m", "sdd", "run", str(TOY), "--root", str(root), "--seeds", "1",
+                          "--dry-run", "--json", "--only", "direct-grpo"], capture_output=True, text=True, check=True)
+    import json
+
+    jobs = {j["id"]: j for j in json.loads(out.stdout)}
+    rl = jobs["direct-grpo/seed0:student-rl"]["config"]
+    assert rl["trl_class"] == "GRPOConfig" and rl["sdd"]["dataset"] == "toy-train"
+    assert rl["trl"]["learning_rate"] == 2.0e-4 and rl["trl"]["max_steps"] == 60  # the toy's own values
+    assert any(layer.endswith(".yaml") for layer in rl["layers"]) and "sdd defaults" in rl["layers"]
+    assert jobs["shared:toy-init"]["config"] is None
+    assert not (root / "shared").exists() and not (root / "direct-grpo").exists()
+
+
+def test_print_config_every_stage_exits_0_and_writes_nothing(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    for stage in ("sft", "teacher-rl", "student-rl", "warmup", "distill", "eval"):
+        out = subprocess.run([sys.executable, "-m", "sdd", stage, "--run", str(run), "--set", "learning_rate=3e-6"
+                              if stage != "eval" else "samples=4", "--print-config", "--json"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        config = json.loads(out.stdout)
+        assert config["stage"] == stage and "--set" in config["layers"]
+        if stage == "eval":
+            assert config["sdd"]["samples"] == 4 and "trl" not in config
+        else:
+            assert config["trl"]["learning_rate"] == 3e-6
+    yaml_out = subprocess.run([sys.executable, "-m", "sdd", "distill", "--run", str(run), "--print-config"],
+                              capture_output=True, text=True, check=True).stdout
+    assert yaml.safe_load(yaml_out)["trl"]["weight_decay"] == 0.1
+    assert not run.exists()
+
+
+# -- the data protocols --------------------------------------------------------------------------------
+def test_split_is_the_authors_seeded_80_20_and_halves_partition_it(toy_run):
+    from datasets import Dataset
+
+    from sdd.manifest import RunDir
+    from sdd.stages.common import DataOptions
+
+    run = RunDir(toy_run)
+    ids = {split: [r["id"] for r in DataOptions(dataset="toy-train", split=split).problems(run)[1]]
+           for split in (None, "train", "heldout", "train-a", "train-b")}
+    everything = ids[None]
+    assert len(ids["train"]) == int(len(everything) * 0.8) and len(ids["heldout"]) == len(everything) - len(ids["train"])
+    assert sorted(ids["train"] + ids["heldout"]) == sorted(everything) and not set(ids["train"]) & set(ids["heldout"])
+    assert ids["train-a"] + ids["train-b"] == ids["train"] and abs(len(ids["train-a"]) - len(ids["train-b"])) <= 1
+    # the same order as the authors' `datasets.Dataset.shuffle(seed=42)` (prepare_grpo_data.py)
+    shuffled = Dataset.from_list([{"id": i} for i in everything]).shuffle(seed=42)["id"]
+    assert ids["train"] + ids["heldout"] == shuffled
+    other_seed = [r["id"] for r in DataOptions(dataset="toy-train", split="train", split_seed=7).problems(run)[1]]
+    assert other_seed != ids["train"]
+    with pytest.raises(ValueError, match="split must be one of"):
+        DataOptions(split="validation")
+
+
+def test_heldout_eval_scores_only_heldout_problems(toy_run):
+    import json
+
+    from conftest import sdd
+
+    from sdd.manifest import RunDir
+    from sdd.stages.common import DataOptions
+
+    sdd("eval", "--run", toy_run, "--role", "student", "--benchmark", "toy-train", "--samples", "1",
+        "--max-new-tokens", "4", "--limit", "6", "--name", "eval-heldout", "--set", "split=heldout")
+    record = RunDir(toy_run).stage("eval-heldout-toy-train")
+    assert record["status"] == "done" and record["metrics"]["benchmark"] == "toy-train:heldout"
+    rows = (toy_run / "eval-heldout-toy-train" / "samples-seed0.jsonl").read_text().splitlines()[1:]
+    scored = [json.loads(line)["id"] for line in rows]
+    heldout = [r["id"] for r in DataOptions(dataset="toy-train", split="heldout").problems(RunDir(toy_run))[1]]
+    assert scored == heldout[:6]
+
+
+def test_stage3_variants_plan(tmp_path):
+    path = write(tmp_path, toy=True, bootstrap=True, train_dataset="toy-train", benchmarks=["toy-test"], seeds=1,
+                 split={"seed": 42, "fraction": 0.8, "heldout_eval": {"samples": 2}},
+                 variants=["rl-teacher-bridge", "stage3-new-labels", "stage3-replay"])
+    jobs = {j.id: j for j in recipes.plan(recipes.load(path), tmp_path / "exp")[0]}
+
+    def options(job_id):
+        job = jobs[job_id]
+        return yaml.safe_load(Path(job.argv[job.argv.index("--config") + 1]).read_text())
+
+    assert options("shared:teacher-rl")["split"] == "train"
+    assert options("shared:teacher-rl-half")["split"] == "train-a"
+    assert options("rl-teacher-bridge/seed0:warmup")["split"] == "train"
+    # the bridge is shared by the two stage-3 variants (one job), on the teacher's half
+    assert "stage3-replay/seed0:warmup" not in jobs and options("stage3-new-labels/seed0:distill")["split"] == "train-a"
+    new, replay = options("stage3-new-labels/seed0:student-rl"), options("stage3-replay/seed0:student-rl")
+    assert (new.pop("split"), replay.pop("split")) == ("train-b", "train-a") and new == replay  # same updates
+    student_of = {v: jobs[f"{v}/seed0:student-rl"].argv for v in ("stage3-new-labels", "stage3-replay")}
+    assert {a[a.index("--model") + 1] for a in student_of.values()} == {
+        str(tmp_path / "exp" / "stage3-new-labels" / "seed0" / "distill" / "final")}
+    heldout = options("stage3-replay/seed0:eval-heldout")
+    assert heldout["split"] == "heldout" and heldout["benchmark"] == ["toy-train"] and heldout["samples"] == 2
+    assert jobs["stage3-replay/seed0:eval-heldout"].records == ["eval-heldout-toy-train"]
+    assert "shared:eval-heldout-teacher-rl-half" in jobs
+    # without a split the stage-3 variants have no halves to use
+    with pytest.raises(SddError, match="add 'split:"):
+        recipes.load(write(tmp_path, toy=True, variants=["stage3-replay"]))
+    with pytest.raises(SddError, match="split.fraction"):
+        recipes.load(write(tmp_path, toy=True, split={"fraction": 1.5}))
