@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import sdd, sdd_process, set_tiny, weights
 
 from sdd.manifest import RunDir
@@ -85,6 +86,27 @@ def test_teacher_rl_trains_and_records(boot_run):
     assert metrics["steps"] == 2 and 0.0 < metrics["reward"] < 1.0, metrics
     before, after = weights(model), weights(boot_run / "teacher-rl" / "final")
     assert any(not (before[k] == after[k]).all() for k in before)
+
+
+def test_grpo_updates_several_times_per_rollout_batch_so_the_clip_binds(boot_run):
+    """The authors take 4 optimizer steps per rollout batch; from the second one on the policy ratio is no
+    longer 1 and the 0.2/0.28 clip can bind. The learning rate stays constant (no decay, no warmup)."""
+    model = boot_run / "sft-student" / "final"
+    dataset = own_answer_dataset(boot_run, model)
+    set_tiny(boot_run, **{"teacher-rl": {"max_steps": 4, "save_steps": 4}})
+    config = yaml.safe_load((boot_run / "config.yaml").read_text())
+    for pinned in ("updates_per_rollout", "lr_scheduler_type", "delta"):  # the toy pins its measured schedule
+        config["teacher-rl"].pop(pinned, None)
+    (boot_run / "config.yaml").write_text(yaml.safe_dump(config))
+    sdd("teacher-rl", "--run", boot_run, "--model", model, "--dataset", dataset)
+    trl = RunDir(boot_run).stage("teacher-rl")["config"]["trl"]
+    assert trl["steps_per_generation"] == 4 and trl["gradient_accumulation_steps"] == 1 and trl["delta"] == 10.0
+    state = json.loads((boot_run / "teacher-rl" / "checkpoint-4" / "trainer_state.json").read_text())
+    logs = [e for e in state["log_history"] if "clip_ratio/region_mean" in e]
+    assert [e["step"] for e in logs] == [1, 2, 3, 4]
+    assert logs[0]["clip_ratio/region_mean"] == 0.0  # the first update is on-policy: ratio exactly 1
+    assert max(e["clip_ratio/region_mean"] for e in logs[1:]) > 0.0, logs  # later updates are clipped
+    assert {e["learning_rate"] for e in logs} == {1e-3}
 
 
 def test_reward_scores_known_completions():
