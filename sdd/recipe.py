@@ -226,7 +226,7 @@ class Planner:
             raise SddError(f"the plan has two different '{name}' stages in {run_dir}; rename one variant's stage")
         command = {"toy-init": ["toy", "init", str(run_dir)]}.get(stage, [stage, "--run", str(run_dir), "--name", name])
         argv = [*command, *args, *self._config_file(stage, options)]
-        records = [f"{name}-{slug(b)}" for b in options["benchmark"]] if stage == "eval" else [name]
+        records = [f"{name}-{slug(b)}" for b in options.get("benchmark", self.recipe.benchmarks)] if stage == "eval" else [name]
         job = Job(job_id, run_dir, stage, name, argv, list(after), variant, seed, records)
         self.jobs[job_id] = job
         self.by_key[key] = job_id
