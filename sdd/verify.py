@@ -47,6 +47,8 @@ MATH-train's real golds; tests/test_verify.py holds every case as a table):
   converted) is wrong; kept. A ~ (LaTeX's unbreakable space, 5~\text{cm}) made math-verify give
   up, so ~ reads as a space. A unit written as bare letters (15 cm^2) is algebra to math-verify
   (15 c m^2) and stays wrong: dropping letters would make 15x equal 15.
+These rules run in the parent, after the plain-rational fast path and before any child: linear
+regexes on at most MAX_ANSWER_CHARS characters of answer and gold, so they add no unbounded work.
 
 Measured on the 2-core development machine under a load of ~4 (tests/test_verify.py prints these):
 GRPO batches of 512 (64 problems x 8 completions, half correct) score at ~200,000/s when golds are
