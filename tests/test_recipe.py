@@ -188,23 +188,29 @@ def test_dry_run_json_shows_resolved_config_and_writes_no_run_dir(tmp_path):
 
 
 def test_print_config_every_stage_exits_0_and_writes_nothing(tmp_path):
+    """Each stage subcommand through the CLI's own parser (in-process, as `sdd run` runs jobs), one as a process."""
+    import contextlib
+    import io
     import json
+
+    from sdd.cli import app
 
     run = tmp_path / "run"
     for stage in ("sft", "teacher-rl", "student-rl", "warmup", "distill", "eval"):
-        out = subprocess.run([sys.executable, "-m", "sdd", stage, "--run", str(run), "--set", "learning_rate=3e-6"
-                              if stage != "eval" else "samples=4", "--print-config", "--json"],
-                             capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        config = json.loads(out.stdout)
+        setting = "samples=4" if stage == "eval" else "learning_rate=3e-6"
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            app(args=[stage, "--run", str(run), "--set", setting, "--print-config", "--json"], standalone_mode=False)
+        config = json.loads(out.getvalue())
         assert config["stage"] == stage and "--set" in config["layers"]
         if stage == "eval":
             assert config["sdd"]["samples"] == 4 and "trl" not in config
         else:
             assert config["trl"]["learning_rate"] == 3e-6
-    yaml_out = subprocess.run([sys.executable, "-m", "sdd", "distill", "--run", str(run), "--print-config"],
-                              capture_output=True, text=True, check=True).stdout
-    assert yaml.safe_load(yaml_out)["trl"]["weight_decay"] == 0.1
+    result = subprocess.run([sys.executable, "-m", "sdd", "distill", "--run", str(run), "--print-config"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["trl"]["weight_decay"] == 0.1
     assert not run.exists()
 
 
