@@ -40,6 +40,9 @@ class SamplingDefaults:
     temperature: float = 0.7
     top_p: float = 0.8
     top_k: int = 20
+    # The budget for measuring (eval, analysis): long enough for a whole MATH solution. Warmup's teacher
+    # samples are training data and keep a smaller budget of their own.
+    max_new_tokens: int = 8192
     enable_thinking: bool = False
 
     def chat_template_kwargs(self) -> dict:
