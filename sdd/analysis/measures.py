@@ -370,7 +370,12 @@ def same_analysis(document: dict, pair: Pair, problems: Problems, settings: Sett
 
     return (same_models and document.get("prompts") == problems.describe()
             and how(document.get("sampling") or {}) == how(sampling_record(settings, samples))
-            and all(measure.key in document for measure in MEASURES))
+            and not missing_measures(document))
+
+
+def missing_measures(document: dict) -> list[str]:
+    """Measures registered since a pair document was written: it is redone to add them."""
+    return [measure.key for measure in MEASURES if measure.key not in document]
 
 
 def headline(document: dict) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdd.analysis.measures import MEASURES, ReportContext
+from sdd.analysis import measures
 from sdd.analysis.pairs import ANALYSIS_DIR, OVERLAP_KIND, PAIR_KIND
 from sdd.analysis.text import rel
 from sdd.names import slug
@@ -54,14 +54,15 @@ def report_section(root: Path, out: Path) -> tuple[str, dict, list[Path]]:
             f"{doc['to']['label']} (`{rel(root, doc['to']['path'])}`) | {prompts['benchmark']} ({prompts['count']} "
             f"problems) | {sampling['n']} | seed {sampling['seed']}, T {sampling['temperature']}, top-p "
             f"{sampling['top_p']}, top-k {sampling['top_k']}, ≤{sampling['max_new_tokens']} tokens |")
-    context = ReportContext(root, rows, overlaps)
-    for measure in MEASURES:
+    context = measures.ReportContext(root, rows, overlaps)
+    for measure in measures.MEASURES:
         lines += measure.table(context)
     plots = [_plot_pair(root, row, out) for row in rows]
     data_out = {
         "pairs": [{"id": row["id"], "file": row["file"], "run_dir": row["run"], "from": row["doc"]["from"],
                    "to": row["doc"]["to"], "prompts": row["doc"]["prompts"], "sampling": row["doc"]["sampling"],
-                   **{m.key: {k: v for k, v in row["doc"][m.key].items() if k not in m.report_drop} for m in MEASURES}}
+                   **{m.key: {k: v for k, v in row["doc"][m.key].items() if k not in m.report_drop}
+                      for m in measures.MEASURES}}
                   for row in rows],
         "overlaps": [{k: v for k, v in doc.items() if k != "skipped_tensors"} for _, doc in overlaps],
     }
@@ -78,7 +79,7 @@ def _plot_pair(root: Path, row: dict, out: Path) -> Path:
     doc = row["doc"]
     sampling = doc["sampling"]
     names = (doc["from"]["label"], doc["to"]["label"])
-    panels = sorted((m.panel for m in MEASURES if m.panel), key=lambda panel: panel.position)
+    panels = sorted((m.panel for m in measures.MEASURES if m.panel), key=lambda panel: panel.position)
     fig, axes = plt.subplots(1, len(panels), figsize=(11, 4.2), squeeze=False)
     for panel, ax in zip(panels, axes[0], strict=True):
         panel.draw(ax, doc)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdd.analysis.measures import analyse_pair, headline, same_analysis
+from sdd.analysis.measures import analyse_pair, headline, missing_measures, same_analysis
 from sdd.analysis.pairs import Pair, named_pair, read_document, seed_overlaps, stage_pairs
 from sdd.analysis.report import report_section
 from sdd.analysis.sampling import eval_settings, load_problems, sample_cache_dir
@@ -65,7 +65,9 @@ def run(path: Path, *, from_stage: str | None = None, to_stage: str | None = Non
                 print(f"skip {label}: {pair.json_path} exists (--force to redo it)")
                 documents.append(existing)
                 continue
-            print(f"{label}: {pair.json_path} was made from other checkpoints, problems or sampling settings; redoing it")
+            missing = missing_measures(existing)
+            print(f"{label}: {pair.json_path} " + (f"lacks {', '.join(missing)}" if missing else
+                  "was made from other checkpoints, problems or sampling settings") + "; redoing it")
 
         # 3. Measure it (every measure in the registry) and write its JSON.
         document = analyse_pair(pair, problems=problems, settings=settings, samples=samples, cache_dir=cache_dir,

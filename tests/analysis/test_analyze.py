@@ -269,3 +269,39 @@ def test_student_rl_finds_its_teacher_through_the_manifests(analysed_root, tmp_p
     teacher, how = found["after-bridge"]
     assert teacher.path == str((root / "shared" / "toy" / "teacher-base").resolve()) and "warmup" in how
     assert found["direct"][0] is None and "never learned from one" in found["direct"][1]
+
+
+def test_a_new_measure_is_one_registry_entry(analysed_root, tmp_path, monkeypatch, capsys):
+    """One more Measure in the registry, and nothing else: the next `sdd analyze` redoes the pair files that lack
+    it (from the cached samples) and puts it in each pair's JSON and console line; `sdd report` gets its table
+    and its report.json section, without the keys it drops."""
+    from sdd.analysis import measures
+    from sdd.stages.analyze import report_section
+
+    def solved_share(context: measures.PairContext) -> dict:
+        return {side: sum(any(r["correct"]) for r in rows) / len(rows)
+                for side, rows in (("from", context.rows_from), ("to", context.rows_to))} | {
+            "per_problem": [any(r["correct"]) for r in context.rows_to]}
+
+    def table(report: measures.ReportContext) -> list[str]:
+        return ["", "### Solved at some k", "", "| pair | from → to |", "|---|---|",
+                *(f"| {row['id']} | {row['doc']['solved']['from']:.3f} → {row['doc']['solved']['to']:.3f} |"
+                  for row in report.rows)]
+
+    new = measures.Measure("solved", solved_share, lambda s: f"solved share {s['from']:.3f}->{s['to']:.3f}", table,
+                           report_drop=("per_problem",))
+    monkeypatch.setattr(measures, "MEASURES", (*measures.MEASURES, new))
+    samples = {f: f.stat().st_mtime_ns for f in (analysed_root / "analysis" / "samples").glob("*.jsonl")}
+    sdd("analyze", analysed_root, "--samples", "6", "--limit", "16")
+    console = capsys.readouterr().out
+    assert console.count("lacks solved; redoing it") == 3 and console.count("solved share ") == 3
+    assert {f: f.stat().st_mtime_ns for f in (analysed_root / "analysis" / "samples").glob("*.jsonl")} == samples
+    for run, name in (("shared", "toy-init__sft-student.json"), ("bridge/seed0", "sft-student__warmup.json")):
+        doc = pair_json(analysed_root, run, name)
+        cap = doc["capability"]
+        assert doc["solved"]["from"] == cap["solved"]["from"] / cap["problems"]
+        assert doc["solved"]["to"] == cap["solved"]["to"] / cap["problems"]
+        assert doc["solved"]["per_problem"] == [count > 0 for count in cap["correct_counts"]["to"]]
+    markdown, data_out, _ = report_section(analysed_root, tmp_path)
+    assert "### Solved at some k" in markdown and "| P1 | " in markdown
+    assert all(set(pair["solved"]) == {"from", "to"} for pair in data_out["pairs"])
