@@ -7,13 +7,14 @@ distillation copies a whole distribution. The rooms:
 
     weights.py      update sparsity, effective rank, overlap across seeds (pure, over checkpoint dirs)
     completions.py  capability boundary and diversity (pure, over verified samples)
-    agreement.py    token-mean KL between a student and its teacher (pure, over models and sequences)
     pairs.py        which checkpoints to compare, found through the manifests; the seed overlaps
     sampling.py     how analysis samples (eval's settings), the problems, and the sample cache
     measures.py     the registry: each measure's compute, headline, report table and plot, in one place
     report.py       the `sdd report` section: the pairs table, each measure's table, one figure per pair
+    text.py         how numbers and paths read in console lines and tables
 
-`sdd analyze` (sdd/stages/analyze.py) runs them; docs/analyze.md defines every number. The pure
+Teacher agreement's KL is `sdd/agreement.py`, a leaf module, because warmup and distill report it
+too. `sdd analyze` (sdd/stages/analyze.py) runs them; docs/analyze.md defines every number. The pure
 measures are re-exported here (`from sdd import analysis; analysis.compare_weights(...)`); importing
 this package loads neither transformers nor the generation stack.
 """

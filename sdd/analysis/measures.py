@@ -4,7 +4,7 @@ A pair document (`<run dir>/analysis/<from>__<to>.json`) holds one section per e
 under the entry's `key`. To add a measure, write one `Measure(...)` here, next to the others:
 
     compute(context) -> dict           its section of the pair document (the pure measure lives in
-                                       weights.py / completions.py / agreement.py)
+                                       weights.py / completions.py, or sdd/agreement.py)
     headline(section) -> str | None    its part of the one console line per pair (None: nothing to say)
     table(report) -> list[str]         its markdown table in `sdd report`, one row per pair
     report_drop                        keys of its section report.json leaves out (bulky per-item detail)
@@ -249,7 +249,7 @@ def _teacher_agreement(context: PairContext) -> dict:
     check_fingerprint(teacher, context.memo)
     from transformers import AutoConfig
 
-    from sdd.analysis.agreement import Sequence, mean_divergence
+    from sdd.agreement import Sequence, mean_divergence
     from sdd.models import load_tokenizer, shared_vocab_size
 
     trust = settings.trust_remote_code
