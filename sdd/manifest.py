@@ -11,6 +11,7 @@ checkpoints edited or deleted behind its back (a content fingerprint per output)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -201,6 +202,139 @@ class StageLock:
         self.release()
 
 
+# --------------------------------------------------------------------------------------------------
+# Typed records: what one stage's entry in manifest.json holds. The JSON on disk is these, field
+# for field (`to_json`); a new field of a record is added here, once, and `begin`/`end` write it.
+
+
+@dataclasses.dataclass
+class Output:
+    """A checkpoint a stage wrote: its path relative to the run dir, and its content fingerprint."""
+
+    path: str
+    fingerprint: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys this sdd does not know, kept as they are
+
+    @classmethod
+    def from_json(cls, entry: dict) -> Output:
+        known = {"path", "fingerprint"}
+        return cls(entry.get("path", ""), entry.get("fingerprint"), {k: v for k, v in entry.items() if k not in known})
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "fingerprint": self.fingerprint, **self.extra}
+
+
+@dataclasses.dataclass
+class Input:
+    """A checkpoint or dataset a stage consumed: the path it was given, and where that came from.
+
+    `from_stage` and `run` name the stage (and its run dir, when not this one) that wrote it;
+    `fingerprint` is its content when it was read, so a later reader can tell whether the file still is
+    what the stage consumed. Keys absent on disk stay absent.
+    """
+
+    path: str
+    from_stage: str | None = None
+    run: str | None = None
+    fingerprint: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. trusted_change
+
+    @classmethod
+    def from_json(cls, entry: dict) -> Input:
+        known = {"path", "from_stage", "run", "fingerprint"}
+        return cls(entry.get("path", ""), entry.get("from_stage"), entry.get("run"), entry.get("fingerprint"),
+                   {k: v for k, v in entry.items() if k not in known})
+
+    def to_json(self) -> dict:
+        entry: dict[str, Any] = {"path": self.path}
+        for key in ("from_stage", "run", "fingerprint"):
+            if getattr(self, key) is not None:
+                entry[key] = getattr(self, key)
+        return {**entry, **self.extra}
+
+
+@dataclasses.dataclass
+class StageRecord:
+    """One stage's entry in the manifest: what ran, from what, producing what, and how it ended.
+
+    `begin` writes a record with status "running"; `end` sets the status, outputs and metrics, and for
+    a finished stage `done_seq`, the order in which stages finished ("newest" means highest done_seq).
+    `error` and `done_seq` are written only when set, as before records were typed.
+    """
+
+    name: str
+    stage: str | None = None  # the stage kind: sft, teacher-rl, warmup, distill, student-rl, eval, toy-init
+    role: str | None = None  # teacher or student
+    status: str = "running"
+    started_at: str | None = None
+    ended_at: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    attempts: int = 1
+    command: list[str] = dataclasses.field(default_factory=list)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    inputs: dict[str, Input] = dataclasses.field(default_factory=dict)
+    outputs: dict[str, Output] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    done_seq: int | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys this sdd does not know, kept as they are
+
+    _OPTIONAL = ("error", "done_seq")
+
+    @classmethod
+    def from_json(cls, record: dict) -> StageRecord:
+        fields = {f.name for f in dataclasses.fields(cls)} - {"extra", "inputs", "outputs"}
+        values = {k: v for k, v in record.items() if k in fields and v is not None}
+        return cls(**{"name": record.get("name", ""), **values},
+                   inputs={k: Input.from_json(v) for k, v in (record.get("inputs") or {}).items()},
+                   outputs={k: Output.from_json(v) for k, v in (record.get("outputs") or {}).items()},
+                   extra={k: v for k, v in record.items() if k not in fields | {"inputs", "outputs"}})
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "extra" or (field.name in self._OPTIONAL and value is None):
+                continue
+            if field.name in ("inputs", "outputs"):
+                value = {k: v.to_json() for k, v in value.items()}
+            out[field.name] = value
+        return {**out, **self.extra}
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    @property
+    def order(self) -> int:
+        """Finishing order among the run dir's stages; 0 for a stage that has not finished."""
+        return self.done_seq or 0
+
+    def main_output(self, prefer: str | None = None) -> tuple[str, Output]:
+        """(role, output) a stage is known by: `prefer` (default: the stage's own role) if it wrote one, else its first."""
+        prefer = self.role if prefer is None else prefer
+        role = prefer if prefer in self.outputs else next(iter(self.outputs))
+        return role, self.outputs[role]
+
+    def model_input(self) -> tuple[str, Input] | None:
+        """(key, input) of the model a training stage started from: `student` (warmup, distill) or `model`."""
+        key = next((key for key in ("student", "model") if key in self.inputs), None)
+        return None if key is None else (key, self.inputs[key])
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedCheckpoint:
+    """A checkpoint a finished stage wrote, found through its run dir's manifest."""
+
+    run: Path  # the run dir, resolved
+    stage: str  # the stage (record name) that wrote it
+    role: str
+    path: Path  # resolved, inside `run`
+    fingerprint: str | None
+
+
 class RunDir:
     """A run directory: stage folders plus manifest.json, read and updated under a file lock."""
 
@@ -250,14 +384,85 @@ class RunDir:
             )
         return data
 
+    def record(self, name: str) -> StageRecord | None:
+        """The typed record of stage `name`, or None when this run dir has no such stage."""
+        raw = self.read()["stages"].get(name)
+        return None if raw is None else StageRecord.from_json(raw)
+
+    def records(self) -> dict[str, StageRecord]:
+        """Every stage's typed record, in manifest order; {} where there is no manifest yet."""
+        return {name: StageRecord.from_json(raw) for name, raw in self.stages().items()}
+
     def stage(self, name: str) -> dict | None:
+        """The old interface: the raw JSON dict of a stage's record. New code reads `record(name)`."""
         return self.read()["stages"].get(name)
 
     def stages(self) -> dict[str, dict]:
+        """The old interface: raw JSON dicts of every stage's record. New code reads `records()`."""
         return self.read()["stages"] if self.exists() else {}
 
+    # -- finding checkpoints ----------------------------------------------------------------
+    def checkpoint(self, name: str, record: StageRecord, role: str) -> RecordedCheckpoint:
+        """Output `role` of stage `name`, its path resolved (an entry leading outside the run dir raises SddError)."""
+        output = record.outputs[role]
+        return RecordedCheckpoint(self.path.resolve(), name, role, self.resolve_path(output.path), output.fingerprint)
+
+    def output_of(self, name: str, prefer: str | None = None) -> RecordedCheckpoint | None:
+        """The checkpoint finished stage `name` is known by (see StageRecord.main_output); None if there is none."""
+        record = self.record(name) if self.exists() else None
+        if record is None or not record.done or not record.outputs:
+            return None
+        return self.checkpoint(name, record, record.main_output(prefer)[0])
+
+    def newest(self, role: str, *, exclude: str | None = None, prefer: tuple[str, ...] = ()
+               ) -> RecordedCheckpoint | None:
+        """The checkpoint a stage of this run dir should start from when none is named: the newest for `role`.
+
+        `prefer` lists stage names to take first when they finished with a `role` output (student-rl starts
+        from distill, else warmup, else the base student, whatever ran last); `exclude` leaves a stage out
+        (the one asking). Ties in finishing order go to the stage listed first in the manifest.
+        """
+        records = self.records()
+        for name in prefer:
+            record = records.get(name)
+            if record and record.done and role in record.outputs:
+                return self.checkpoint(name, record, role)
+        best: tuple[int, str, StageRecord] | None = None
+        for name, record in records.items():
+            if name == exclude or not record.done or role not in record.outputs:
+                continue
+            if best is None or record.order > best[0]:
+                best = (record.order, name, record)
+        return None if best is None else self.checkpoint(best[1], best[2], role)
+
+    def follow(self, entry: Input, role: str | None = None) -> RecordedCheckpoint | None:
+        """The output of the finished stage an input entry names, if it still matches the recorded fingerprint.
+
+        The stage is looked up in the run dir the entry names (as recorded, then relative to this run dir),
+        then in this one; an output of `role` is tried first. None when no manifest still has it: the
+        caller then falls back to the fingerprint (OutputIndex) or the recorded path.
+        """
+        if not entry.from_stage:
+            return None
+        candidates = [Path(entry.run), self.path / entry.run] if entry.run else []
+        for candidate in [*candidates, self.path]:
+            if not (candidate / MANIFEST_NAME).is_file():
+                continue
+            other = RunDir(candidate)
+            record = other.record(entry.from_stage)
+            if record is None or not record.done:
+                continue
+            for out_role in sorted(record.outputs, key=lambda r: r != role):
+                if entry.fingerprint is None or record.outputs[out_role].fingerprint == entry.fingerprint:
+                    with contextlib.suppress(SddError):  # an entry leading outside its run dir names nothing
+                        return other.checkpoint(entry.from_stage, record, out_role)
+        return None
+
     def newest_output(self, role: str, exclude: str | None = None) -> tuple[str, dict] | None:
-        """(stage name, output entry) of the newest finished checkpoint for a role."""
+        """The old interface: (stage name, output entry) of the newest finished checkpoint for a role.
+
+        New code calls `newest`, which also resolves the path and takes `prefer`.
+        """
         best = None
         for name, record in self.stages().items():
             if name == exclude or record.get("status") != "done" or role not in record.get("outputs", {}):
@@ -335,52 +540,47 @@ class RunDir:
         return {k: str(self.resolve_path(v["path"], user_named=True)) for k, v in self.read().get("datasets", {}).items()}
 
     def begin(self, name: str, *, stage: str, role: str | None, config: dict, inputs: dict) -> None:
+        """Record that stage `name` started (status "running"); `inputs` are input entries (Input.to_json)."""
+
         def change(data: dict) -> None:
             previous = data["stages"].get(name, {})
-            data["stages"][name] = {
-                "name": name,
-                "stage": stage,
-                "role": role,
-                "status": "running",
-                "started_at": now_iso(),
-                "ended_at": None,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "attempts": previous.get("attempts", 0) + 1,
-                "command": sys.argv,
-                "versions": library_versions(),
-                "config": config,
-                "inputs": inputs,
-                "outputs": {},
-                "metrics": previous.get("metrics", {}) if previous.get("status") == "interrupted" else {},
-            }
+            record = StageRecord(
+                name=name, stage=stage, role=role, status="running", started_at=now_iso(), ended_at=None,
+                host=socket.gethostname(), pid=os.getpid(), attempts=previous.get("attempts", 0) + 1,
+                command=sys.argv, versions=library_versions(), config=config,
+                inputs={key: Input.from_json(entry) for key, entry in inputs.items()}, outputs={},
+                # an interrupted stage resumes: its metrics so far (e.g. the "before" of a before/after) stay
+                metrics=previous.get("metrics", {}) if previous.get("status") == "interrupted" else {},
+            )
+            data["stages"][name] = record.to_json()
 
         self.update(change)
 
     def end(self, name: str, status: str, *, outputs: dict | None = None, metrics: dict | None = None,
             error: str | None = None) -> None:
+        """Record how stage `name` ended; a finished one gets the next `done_seq`. `outputs` are Output.to_json entries."""
         assert status in STATUSES
 
         def change(data: dict) -> None:
-            # setdefault: the manifest may have been replaced under a running stage (a user restoring a backup)
-            record = data["stages"].setdefault(name, {"name": name, "attempts": 1})
-            record["status"] = status
-            record["ended_at"] = now_iso()
+            # the manifest may have been replaced under a running stage (a user restoring a backup): start a record
+            raw = data["stages"].get(name)
+            record = StageRecord.from_json(raw) if raw is not None else StageRecord(name=name, attempts=1)
+            record.status = status
+            record.ended_at = now_iso()
             if outputs is not None:
-                record["outputs"] = outputs
+                record.outputs = {role: Output.from_json(entry) for role, entry in outputs.items()}
             if metrics:
-                record["metrics"] = {**record.get("metrics", {}), **metrics}
-            if error:
-                record["error"] = error
-            else:
-                record.pop("error", None)
+                record.metrics = {**record.metrics, **metrics}
+            record.error = error or None
             if status == "done":
-                record["done_seq"] = 1 + max((r.get("done_seq", 0) for r in data["stages"].values()), default=0)
+                record.done_seq = 1 + max((r.get("done_seq", 0) for r in data["stages"].values()), default=0)
+            data["stages"][name] = record.to_json()
 
         self.update(change)
 
     def output_entry(self, path: Path) -> dict:
-        return {"path": self.relative(path), "fingerprint": fingerprint(path)}
+        """The JSON entry of a checkpoint a stage wrote here (Output.to_json), for `end(outputs=...)`."""
+        return Output(self.relative(path), fingerprint(path)).to_json()
 
     def lock(self, name: str) -> StageLock:
         return StageLock(self.path / ".locks" / f"{name}.lock")
@@ -396,4 +596,53 @@ def _schema_problem(data: Any) -> str | None:
     for name, record in data["stages"].items():
         if not isinstance(record, dict) or record.get("status") not in STATUSES:
             return f"stage '{name}' has no valid status"
+    return None
+
+
+class OutputIndex:
+    """Every finished stage output under some run dirs, by fingerprint.
+
+    Inputs record absolute paths, which break when a run tree moves between machines; the fingerprint
+    finds the same checkpoint at its new place. The first run dir (in the order given) to hold a
+    fingerprint wins.
+    """
+
+    def __init__(self, run_dirs: list[Path]):
+        self.by_fingerprint: dict[str, RecordedCheckpoint] = {}
+        for run_dir in run_dirs:
+            run = RunDir(run_dir)
+            for name, record in run.records().items():
+                if not record.done:
+                    continue
+                for role, output in record.outputs.items():
+                    if not output.fingerprint:
+                        continue
+                    with contextlib.suppress(SddError):  # an entry leading outside its run dir names nothing
+                        self.by_fingerprint.setdefault(output.fingerprint, run.checkpoint(name, record, role))
+
+    def get(self, fingerprint_: str | None) -> RecordedCheckpoint | None:
+        return self.by_fingerprint.get(fingerprint_) if fingerprint_ else None
+
+
+def recorded_checkpoint(path: str | Path) -> RecordedCheckpoint | None:
+    """A checkpoint named by path that a run dir at most three levels above it recorded as a finished output.
+
+    So a checkpoint passed explicitly (as `sdd run` does) is still checked for changes since it was
+    written, and records say which stage it came from. `path` of the result is the resolved path.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    target = path.resolve()
+    for parent in list(target.parents)[:3]:
+        if not (parent / MANIFEST_NAME).is_file():
+            continue
+        run = RunDir(parent)
+        for name, record in run.records().items():
+            if not record.done:
+                continue
+            for role, output in record.outputs.items():
+                with contextlib.suppress(SddError):  # an entry pointing outside that run dir names nothing here
+                    if run.resolve_path(output.path) == target:
+                        return RecordedCheckpoint(parent, name, role, target, output.fingerprint)
     return None

@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from sdd.errors import SddError
+from sdd.names import slug  # re-exported: callers of recipe.slug keep working
 
 STAGE_KINDS = ("sft", "teacher-rl", "warmup", "distill", "student-rl", "eval")
 # Recipe `stages:` sections: a stage kind, or one of the shared stages by name (the bootstrap SFT of
@@ -384,10 +384,6 @@ class Planner:
                 done.add(job.id)
             pending = [j for j in pending if j.id not in done]
         return order
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
 def plan(recipe: Recipe, root: Path, seeds: int | None = None) -> tuple[list[Job], dict[str, str]]:

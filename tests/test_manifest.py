@@ -121,3 +121,83 @@ def test_fingerprint_sees_changes(tmp_path):
     assert fingerprint(model) != first
     (model / "model.safetensors").unlink()
     assert fingerprint(model) != first
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed records: begin/end build them, the JSON on disk keeps its keys, readers get dataclasses.
+
+RECORD_KEYS = ["name", "stage", "role", "status", "started_at", "ended_at", "host", "pid", "attempts", "command",
+               "versions", "config", "inputs", "outputs", "metrics"]
+
+
+def _checkpoint(run: RunDir, name: str, content: bytes):
+    out = run.path / name / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.safetensors").write_bytes(content)
+    return out
+
+
+def test_records_keep_the_json_schema_and_read_back_typed(tmp_path):
+    from sdd.manifest import SCHEMA_VERSION, Input, StageRecord
+
+    run = RunDir(tmp_path / "run")
+    base = _checkpoint(run, "base", b"base")
+    inputs = {"model": {"path": str(base), "from_stage": "base", "fingerprint": fingerprint(base), "trusted_change": True},
+              "dataset": {"path": "hub:x[train]"}}
+    run.begin("sft", stage="sft", role="student", config={"sdd": {"lr": 1}}, inputs=inputs)
+    raw = json.loads(run.manifest_path.read_text())["stages"]["sft"]
+    assert list(raw) == RECORD_KEYS and raw["inputs"] == inputs and raw["status"] == "running"
+    run.end("sft", "failed", error="boom")
+    raw = json.loads(run.manifest_path.read_text())["stages"]["sft"]
+    assert list(raw) == [*RECORD_KEYS, "error"] and raw["error"] == "boom"
+
+    run.begin("sft", stage="sft", role="student", config={}, inputs=inputs)
+    out = _checkpoint(run, "sft", b"trained")
+    run.end("sft", "done", outputs={"student": run.output_entry(out)}, metrics={"loss": 0.5})
+    manifest = json.loads(run.manifest_path.read_text())
+    raw = manifest["stages"]["sft"]
+    assert manifest["schema"] == SCHEMA_VERSION == 1
+    assert list(raw) == [*RECORD_KEYS, "done_seq"] and raw["attempts"] == 2 and raw["done_seq"] == 1
+    assert raw["outputs"] == {"student": {"path": "sft/final", "fingerprint": fingerprint(out)}}
+
+    record = run.record("sft")
+    assert record == run.records()["sft"] and record.to_json() == raw == StageRecord.from_json(raw).to_json()
+    assert record.done and record.order == 1 and record.error is None and record.metrics == {"loss": 0.5}
+    assert record.inputs["model"] == Input(str(base), "base", None, fingerprint(base), {"trusted_change": True})
+    assert record.inputs["dataset"].to_json() == {"path": "hub:x[train]"}
+    assert record.main_output() == ("student", record.outputs["student"])
+    assert record.model_input() == ("model", record.inputs["model"])
+    assert run.record("absent") is None
+
+
+def test_checkpoint_resolution_newest_output_of_follow_index(tmp_path):
+    from sdd.manifest import Input, OutputIndex, recorded_checkpoint
+
+    run = RunDir(tmp_path / "run")
+    for name in ("sft-student", "warmup", "distill"):
+        out = _checkpoint(run, name, name.encode())
+        run.begin(name, stage=name, role="student", config={}, inputs={})
+        run.end(name, "done", outputs={"student": run.output_entry(out)})
+    newest = run.newest("student")
+    assert (newest.stage, newest.role, newest.path) == ("distill", "student", (run.path / "distill" / "final").resolve())
+    assert newest.run == run.path.resolve() and newest.fingerprint == fingerprint(run.path / "distill" / "final")
+    assert run.newest("student", exclude="distill").stage == "warmup"
+    assert run.newest("student", prefer=("warmup", "sft-student")).stage == "warmup"
+    assert run.newest("teacher") is None
+    assert run.newest_output("student")[0] == newest.stage  # the old interface agrees
+    assert run.output_of("warmup").path == (run.path / "warmup" / "final").resolve()
+    assert recorded_checkpoint(run.path / "warmup" / "final").stage == "warmup"
+
+    # An input entry made in another run dir: followed to the record, refused once the files differ from it.
+    other = RunDir(tmp_path / "other")
+    other.create()
+    entry = Input(str(run.path / "warmup" / "final"), "warmup", str(run.path), fingerprint(run.path / "warmup" / "final"))
+    assert other.follow(entry, "student").stage == "warmup"
+    assert other.follow(Input(entry.path, "warmup", str(run.path), "sha256:else"), "student") is None
+
+    # The tree moves: the recorded run dir is gone, the fingerprint still finds the checkpoint.
+    moved = tmp_path / "moved"
+    run.path.rename(moved)
+    assert other.follow(entry, "student") is None
+    found = OutputIndex([moved]).get(entry.fingerprint)
+    assert (found.stage, found.path) == ("warmup", (moved / "warmup" / "final").resolve())

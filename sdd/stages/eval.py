@@ -14,9 +14,11 @@ import json
 from pathlib import Path
 
 from sdd import data, stats
+from sdd import samples as sample_files
 from sdd.errors import SddError
 from sdd.manifest import RunDir, atomic_write_text
-from sdd.recipe import slug
+from sdd.names import slug
+from sdd.samples import SAMPLING
 from sdd.stages import common
 
 
@@ -30,16 +32,16 @@ class EvalOptions:
     answer_column: str | None = None
     samples: int = 16
     seeds: int = 1
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    max_new_tokens: int = 8192
+    temperature: float = SAMPLING.temperature
+    top_p: float = SAMPLING.top_p
+    top_k: int = SAMPLING.top_k
+    max_new_tokens: int = SAMPLING.max_new_tokens
     greedy: bool = False
     backend: str = "hf"
     batch_size: int | None = None
     limit: int | None = None
     dtype: str = "auto"
-    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
+    chat_template_kwargs: dict = dataclasses.field(default_factory=SAMPLING.chat_template_kwargs)
     trust_remote_code: bool = False
     # Evaluate one split of each benchmark (e.g. the held-out part of the training set); see DataOptions.
     split: str | None = None
@@ -153,7 +155,7 @@ def run(args: common.StageArgs) -> dict:
                                            trust_remote_code=options.trust_remote_code)
                     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
                 engine = model if options.backend == "hf" else checkpoint.path
-                provenance = {"model": stage.run.read()["stages"][name]["inputs"]["model"].get("fingerprint"),
+                provenance = {"model": stage.run.record(name).inputs["model"].fingerprint,
                               "options": common.cfg.to_jsonable(options)}
                 sampling = (engine, tokenizer, records, options)
                 per_seed = {}
@@ -173,23 +175,16 @@ def run(args: common.StageArgs) -> dict:
                 common.finish(stage, metrics=metrics)
                 results[bench] = metrics
         except common.StageSkipped as skip:
-            record = run_dir.stage(name) or {}
-            results[bench] = record.get("metrics", {})
+            record = run_dir.record(name)
+            results[bench] = record.metrics if record else {}
             print(skip)
     return results
 
 
 def _seed_rows(path: Path, provenance: dict, sampling: tuple, seed: int, *, greedy: bool, label: str) -> list[dict]:
     """Reuse a finished seed file written from the same model and options; else sample and write it."""
-    if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        try:
-            header = json.loads(lines[0])
-            if header.get("provenance") == provenance:
-                return [json.loads(line) for line in lines[1:]]
-        except (ValueError, IndexError):
-            pass
-    rows = sample_and_score(*sampling, seed, greedy=greedy, label=label)
-    text = json.dumps({"provenance": provenance}) + "\n" + "".join(json.dumps(r) + "\n" for r in rows)
-    atomic_write_text(path, text)
+    rows = sample_files.read(path, provenance)
+    if rows is None:
+        rows = sample_and_score(*sampling, seed, greedy=greedy, label=label)
+        sample_files.write(path, provenance, rows)
     return rows

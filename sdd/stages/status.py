@@ -44,12 +44,11 @@ def run(path: Path, *, as_json: bool = False) -> None:
         table = Table(title=str(directory), title_justify="left")
         for column in ("stage", "role", "status", "checkpoint", "key metric", "ended"):
             table.add_column(column)
-        for name, record in RunDir(directory).read()["stages"].items():
-            outputs = record.get("outputs", {})
-            checkpoint = ", ".join(entry["path"] for entry in outputs.values())
-            style = {"done": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}[record["status"]]
-            table.add_row(name, record.get("role") or "", f"[{style}]{record['status']}[/]", checkpoint,
-                          key_metric(record.get("metrics", {})), (record.get("ended_at") or "")[:19])
+        for name, record in RunDir(directory).records().items():
+            checkpoint = ", ".join(output.path for output in record.outputs.values())
+            style = {"done": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}[record.status]
+            table.add_row(name, record.role or "", f"[{style}]{record.status}[/]", checkpoint,
+                          key_metric(record.metrics), (record.ended_at or "")[:19])
         console.print(table)
 
 

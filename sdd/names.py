@@ -1,0 +1,14 @@
+"""Names sdd derives from free text: stage, file and plot names built from labels and paths.
+
+A leaf module so that every layer (recipes, stages, analysis) can name things the same way
+without importing each other.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def slug(text: str) -> str:
+    """`text` as a file-name-safe token: runs of anything but letters, digits, '.', '_' and '-' become one '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
