@@ -198,6 +198,22 @@ def device_defaults() -> dict[str, Any]:
     return {"bf16": bf16, "use_cpu": not torch.cuda.is_available()}
 
 
+def prepare_teacher(trainer, teacher):
+    """The frozen teacher placed under the student's engine: a ZeRO-3 inference engine (partitioned like the
+    student) under DeepSpeed, `fully_shard` under FSDP2, else an evaluation-mode copy per rank (DDP, one
+    process). One function for every trainer that carries a teacher (distill, warmup)."""
+    from trl.models.utils import prepare_deepspeed, prepare_fsdp
+
+    if trainer.is_deepspeed_enabled:
+        prepared = prepare_deepspeed(teacher, trainer.accelerator)
+    elif trainer.is_fsdp_enabled:
+        prepared = prepare_fsdp(teacher, trainer.accelerator)
+    else:
+        prepared = trainer.accelerator.prepare_model(teacher, evaluation_mode=True)
+    prepared.eval()
+    return prepared
+
+
 # -- checkpoints ----------------------------------------------------------------------------------
 ORIGIN_FILE = "origin.json"
 
