@@ -53,7 +53,16 @@ class WarmupOptions(common.DataOptions):
     objective: str = "forward-kl"
     kl_temperature: float = 1.0
     backend: str = "hf"
+    # vLLM's engine for teacher sampling (backend "vllm"); TRL's names for the same settings in GRPO
+    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.9
+    vllm_max_model_length: int | None = None
     dtype: str = "auto"
+
+    def vllm_settings(self):
+        from sdd.generation import VllmSettings
+
+        return VllmSettings(self.vllm_tensor_parallel_size, self.vllm_gpu_memory_utilization, self.vllm_max_model_length)
 
 
 DEFAULTS = {
@@ -120,8 +129,6 @@ def _shard_path(path: Path, shard: int, shards: int) -> Path:
 def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header: dict, flag,
                   shard: int, shards: int, writer: bool, ranks) -> list[dict] | None:
     """This rank's share of every chunk, resumed from and appended to its shard's `.partial` file."""
-    import contextlib
-
     from sdd.generation import SamplingParams, generate, ready_for_generation
     from sdd.verify import score_completions
 
@@ -132,17 +139,18 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header
     per_chunk = [len(range(shard, min(chunk, len(records) - start), shards)) for start in starts]
     partial = shard_path.with_name(shard_path.name + ".partial")
     done = _finished_samples(shard_path, header) if shards > 1 else None  # a shard finished by an earlier launch
-    if done is not None:
+    resumed = done is None
+    if not resumed:
         chunks_done = len(per_chunk)
     else:
-        done, kept_bytes = _resumable_rows(partial, header)
+        done, has_header = _resumable_rows(partial, header)
         chunks_done, whole = 0, 0
         while chunks_done < len(per_chunk) and whole + per_chunk[chunks_done] <= len(done):
             whole += per_chunk[chunks_done]
             chunks_done += 1
         del done[whole:]
         if writer:
-            if kept_bytes:  # cut the torn tail in place; rewriting the file would risk the chunks already sampled
+            if has_header:  # cut the torn tail in place; rewriting the file would risk the chunks already sampled
                 os.truncate(partial, _byte_offset(partial, whole))
             else:
                 atomic_write_text(partial, json.dumps(header) + "\n")
@@ -184,18 +192,18 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header
                 os.fsync(handle.fileno())
             if ranks.index == 0:
                 print(f"teacher samples: {start + len(batch)}/{len(records)} prompts", flush=True)
-    if appending or (writer and partial.is_file() and not shard_path.is_file()):
+    if writer and resumed:
         os.replace(partial, shard_path)
     return done
 
 
-def _resumable_rows(partial: Path, header: dict) -> tuple[list[dict], int]:
-    """The whole rows of a `.partial` file made with `header`, and whether it had a usable header (its size)."""
+def _resumable_rows(partial: Path, header: dict) -> tuple[list[dict], bool]:
+    """The whole rows of a `.partial` file, and whether it was made with `header` (else it has none for us)."""
     if not partial.is_file():
-        return [], 0
+        return [], False
     lines = partial.read_bytes().splitlines(keepends=True)
     if not (lines and lines[0].endswith(b"\n") and _header_matches(lines[0], header)):
-        return [], 0
+        return [], False
     done = []
     for line in lines[1:]:
         if not line.endswith(b"\n"):
@@ -204,7 +212,7 @@ def _resumable_rows(partial: Path, header: dict) -> tuple[list[dict], int]:
             done.append(json.loads(line))
         except ValueError:
             break
-    return done, len(lines[0])
+    return done, True
 
 
 def _byte_offset(partial: Path, rows: int) -> int:
@@ -394,6 +402,15 @@ def heldout_kl(student, teacher, rows: list[dict], vocab_size: int, pad_id: int,
     return result["divergence"]
 
 
+def _place(model, device: str):
+    """The model on this rank's device; a ZeRO-3 model is already there, as partitions the engine will own."""
+    from sdd.models import is_zero3_partitioned
+
+    if not any(is_zero3_partitioned(p) for p in model.parameters()):
+        model.to(device)
+    return model
+
+
 def run(args: common.StageArgs) -> dict:
     from trl import SFTConfig
 
@@ -405,10 +422,18 @@ def run(args: common.StageArgs) -> dict:
         raise SddError(f"objective must be one of {', '.join(OBJECTIVES)}, not {options.objective!r}")
     if options.sample_chunk < 1:
         raise SddError(f"sample_chunk must be at least 1, not {options.sample_chunk}")
+    if options.backend not in ("hf", "vllm"):
+        raise SddError(f"backend must be hf or vllm, not {options.backend!r}")
+    vllm_settings = options.vllm_settings()  # a bad vLLM option fails here, before anything loads
     # The dataset is pre-tokenized (the teacher's exact tokens), so TRL cannot infer completion-only
     # training from prompt/completion columns: without this the loss would also fit the prompt tokens.
     trl_config = common.cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name),
                                                         "completion_only_loss": True})
+    from sdd.generation import Ranks, release_vllm
+
+    ranks = Ranks.current()  # the launcher's process group is up now (the TRL config started it)
+    if options.backend == "vllm":
+        vllm_settings.groups(ranks)  # tensor_parallel_size must divide the number of processes
     run_dir = RunDir(args.run)
     teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
     student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name)
@@ -432,13 +457,9 @@ def run(args: common.StageArgs) -> dict:
     resolved = {"sdd": options, "trl": trl_config.to_dict(), "shared_vocab_size": vocab_size}
     inputs = {"teacher": teacher_in, "student": student_in, "dataset": common.StageInput(source.describe())}
     with common.open_stage(args, name=name, stage="warmup", role="student", config=resolved, inputs=inputs) as stage:
-        import torch
         from datasets import Dataset
         from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
-        teacher.to(device).eval()
         provenance = {
             "teacher": _model_identity(teacher_in.path),
             "data": data.problems_fingerprint(records),
@@ -446,15 +467,24 @@ def run(args: common.StageArgs) -> dict:
                          options.sample_top_k, options.max_new_tokens, options.sample_seed,
                          options.chat_template_kwargs, options.sample_chunk],  # chunk: it sets the seeds
         }
-        rows = cached_teacher_samples(teacher, t_tok, records, options, stage, provenance)
+        # The HF teacher trains the student too, so with backend "hf" it is loaded once and samples first. With
+        # "vllm" no HF copy exists while vLLM's engine holds its GPU share, and the engine is released before
+        # the teacher and student load for training. Each rank works on its own device (`ranks.device`).
+        if options.backend == "hf":
+            teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
+            rows = cached_teacher_samples(teacher, t_tok, records, options, stage, provenance, ranks)
+        else:
+            rows = cached_teacher_samples(teacher_in.path, t_tok, records, options, stage, provenance, ranks)
+            release_vllm()
+            teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
         if rows is None:
             return {}
+        _place(teacher, ranks.device).eval()
         heldout, train_rows = rows[: options.heldout_prompts], rows[options.heldout_prompts :]
         sequences = training_sequences(train_rows, options.only_correct)
         if not sequences:
             raise SddError("no teacher samples left to train on (only_correct kept none); sample more or drop only_correct")
-        student = load_causal_lm(student_in.path, trust_remote_code=options.trust_remote_code)
-        student.to(device)
+        student = _place(load_causal_lm(student_in.path, trust_remote_code=options.trust_remote_code), ranks.device)
         pad_id = s_tok.pad_token_id
         metrics: dict = {
             "teacher_solve_rate": sum(c for r in rows for c in r["correct"]) / sum(len(r["correct"]) for r in rows),
