@@ -159,7 +159,8 @@ def run(args: common.StageArgs) -> dict:
         from trl import DistillationTrainer  # imported late: a bad option fails seconds sooner
 
         teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
-        student = load_causal_lm(student_in.path, trust_remote_code=options.trust_remote_code)
+        student = load_causal_lm(student_in.path, dtype=options.train_dtype,
+                                 trust_remote_code=options.trust_remote_code)
         trainer = distillation_trainer(common.guarded(DistillationTrainer))(
             model=student, teacher_model=teacher, args=trl_config, train_dataset=Dataset.from_list(rows),
             processing_class=s_tok, vocab_size=vocab_size, estimator=options.estimator,

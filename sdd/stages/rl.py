@@ -145,7 +145,7 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
         from datasets import Dataset
         from trl import GRPOTrainer  # imported late: a bad option fails seconds sooner
 
-        model = load_causal_lm(start.path, trust_remote_code=options.trust_remote_code)
+        model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code)
         metrics: dict = {"skipped_unparsable_golds": skipped}
         if options.gate:
             gated = apply_gate(model, tokenizer, rows, options, trl_config.max_completion_length,
