@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEMO_ROOT ?= runs/toy-exp
 SEEDS ?= 3
 
-.PHONY: install test test-slow demo lint clean
+.PHONY: install test test-slow demo lint clean gpu-check
 
 $(BIN)/sdd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ lint: install
 demo: install
 	$(BIN)/sdd run examples/recipes/toy.yaml --root $(DEMO_ROOT) --seeds $(SEEDS) --jobs 2
 	$(BIN)/sdd report $(DEMO_ROOT)
+
+# The GPU acceptance run (docs/benchmarks.md): about 10 minutes on one H100/H200, one JSON with every figure.
+# Uses the python on PATH (a GPU image's torch); installs .whl/ into a temp dir if trl & co. are missing.
+GPU_CHECK_OUT ?= gpu-check.json
+gpu-check:
+	PYTHONPATH=$(CURDIR) python benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf runs

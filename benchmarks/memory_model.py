@@ -304,12 +304,13 @@ def live_tensor_bytes() -> int:
             if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
                 continue
             storage = obj.untyped_storage()
-        except Exception:  # noqa: BLE001 - some objects raise on inspection
+            pointer, size = storage.data_ptr(), storage.nbytes()
+        except Exception:  # noqa: BLE001 - some objects (DTensor wrappers, freed storages) raise on inspection
             continue
-        if storage.data_ptr() in seen or storage.data_ptr() == 0:
+        if pointer in seen or pointer == 0:
             continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
+        seen.add(pointer)
+        total += size
     return total
 
 
@@ -332,25 +333,25 @@ def measure_states(launcher: str, out: str) -> None:
             fully_shard(layer)
         fully_shard(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        before = live_tensor_bytes()
         for _ in range(2):
             model(input_ids=batch, labels=batch).loss.backward()
             optimizer.step()
             sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
         rank, engaged = dist.get_rank(), sharded
     else:
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DeepSpeedPlugin
 
-        accelerator = Accelerator()
+        plugin = None
+        if launcher == "zero3":
+            world = int(os.environ["WORLD_SIZE"])
+            plugin = DeepSpeedPlugin(hf_ds_config={
+                "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * world,
+                "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}, "gradient_clipping": 1.0})
+        accelerator = Accelerator(cpu=True, deepspeed_plugin=plugin)
         model = Qwen3ForCausalLM(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        if launcher == "zero3":
-            # DeepSpeed needs a micro-batch size to build its engine outside a DataLoader.
-            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-            ds_config.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
-                             train_batch_size=2 * accelerator.num_processes)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        before = live_tensor_bytes()
+        loader = torch.utils.data.DataLoader(list(batch), batch_size=2)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         for _ in range(2):
             accelerator.backward(model(input_ids=batch, labels=batch).loss)
             optimizer.step()
@@ -358,45 +359,21 @@ def measure_states(launcher: str, out: str) -> None:
         rank = accelerator.process_index
         engaged = (all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()) if launcher == "zero3"
                    else type(model).__name__ == "DistributedDataParallel")
-    del before
     batch = None
     record = {"launcher": launcher, "rank": rank, "engaged": engaged, "live_tensor_bytes": live_tensor_bytes(),
-              "params": sum(p.numel() for p in Qwen3ForCausalLM(config).parameters())}
+              "params": shape_of("tiny", **TINY_SHAPE).params}
     Path(out).with_suffix(f".{rank}.json").write_text(json.dumps(record))
 
 
-ACCELERATE_CONFIGS = {
-    "ddp": {"distributed_type": "MULTI_CPU", "use_cpu": True},
-    "zero3": {"distributed_type": "DEEPSPEED", "use_cpu": False, "deepspeed_config": {
-        "zero_stage": 3, "offload_optimizer_device": "none", "offload_param_device": "none",
-        "zero3_init_flag": False, "zero3_save_16bit_model": True, "deepspeed_multinode_launcher": "standard"}},
-}
-
-
-def _accelerate() -> str:
-    return str(Path(sys.executable).with_name("accelerate"))
-
-
 def run_state_checks(workdir: Path, launchers=("ddp", "zero3", "fsdp2")) -> list[dict]:
-    import yaml
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     results = []
     shape = shape_of("tiny", **TINY_SHAPE)
     for launcher in launchers:
         out = workdir / launcher
         script = [str(Path(__file__).resolve()), "measure-states", "--launcher", launcher, "--out", str(out)]
-        if launcher == "fsdp2":
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                       "29531", *script]
-        else:
-            config = {"compute_environment": "LOCAL_MACHINE", "mixed_precision": "no", "num_machines": 1,
-                      "num_processes": 2, "machine_rank": 0, "main_training_function": "main",
-                      "rdzv_backend": "static", "same_network": True, **ACCELERATE_CONFIGS[launcher]}
-            config_path = workdir / f"{launcher}.yaml"
-            config_path.write_text(yaml.safe_dump(config))
-            command = [_accelerate(), "launch", "--config_file", str(config_path), "--main_process_port", "29532",
-                       *script]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                   *script]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             raise SystemExit(f"{launcher} failed:\n{done.stderr[-3000:]}")
