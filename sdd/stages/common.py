@@ -290,11 +290,12 @@ def save_final(trainer, out_dir: Path) -> Path:
         else:
             trainer.save_model(str(tmp))
         trainer.accelerator.wait_for_everyone()
-        if trainer.accelerator.is_main_process:
-            if not any(tmp.glob("*.safetensors")):
+        if _any_rank(trainer.accelerator.is_main_process and not any(tmp.glob("*.safetensors"))):
+            if trainer.accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise SddError(f"the engine wrote no weights for {out_dir} (the checkpoints are intact); under "
-                               "DeepSpeed ZeRO-3 set zero3_save_16bit_model: true in the accelerate config, then rerun")
+            raise SddError(f"the engine wrote no weights for {out_dir} (the checkpoints are intact); under "
+                           "DeepSpeed ZeRO-3 set zero3_save_16bit_model: true in the accelerate config, then rerun")
+        if trainer.accelerator.is_main_process:
             tokenizer = trainer.processing_class
             if tokenizer is not None and not (tmp / "tokenizer_config.json").exists():
                 tokenizer.save_pretrained(tmp)
