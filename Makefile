@@ -1,12 +1,15 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv and install sdd.
 # TORCH: the torch requirement installed first; the default is this project's CPU wheel. On a GPU
 # host, set it to the build your cluster uses, e.g. `make test TORCH="torch==2.11.0"`.
+# EXTRAS: the optional dependency groups installed with sdd, e.g. `DS_BUILD_OPS=0 make install EXTRAS=dev,deepspeed`
+# (CI does; the sharded tests in tests/test_sharded.py need DeepSpeed).
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_ROOT ?= runs/toy-exp
 SEEDS ?= 3
+EXTRAS ?= dev
 
 .PHONY: install test test-slow demo lint clean gpu-check
 
@@ -14,7 +17,7 @@ $(BIN)/sdd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(BIN)/sdd

@@ -147,6 +147,7 @@ def one_process_config(stage: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_under_every_engine(stage, bootstrapped, tmp_path):
+    pytest.importorskip("deepspeed")  # `make install EXTRAS=dev,deepspeed`; .ci/run installs it and checks
     from transformers import AutoModelForCausalLM
 
     argv, _ = STAGES[stage]
@@ -195,6 +196,7 @@ def test_stage_under_every_engine(stage, bootstrapped, tmp_path):
 @pytest.mark.slow
 def test_zero3_sigterm_and_resume(toy_run, tmp_path):
     """A SIGTERM under ZeRO-3 saves a DeepSpeed checkpoint on both ranks; the rerun resumes from it."""
+    pytest.importorskip("deepspeed")
     set_tiny(toy_run, sft={"max_steps": 30, "save_steps": 10, "logging_steps": 1, "limit": 640})
     stage_dir, out = toy_run / "sft-student", tmp_path / "launch.txt"
     first = launch_engine("zero3", ["sft", "--run", toy_run, "--role", "student"], out)
