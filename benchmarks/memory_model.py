@@ -245,6 +245,12 @@ def recipe_stages(recipe: dict, overrides: dict[str, dict] | None = None, prompt
     return stages
 
 
+def yaml_text(data) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def launcher_note(stage: Stage, memory: dict[str, dict[str, float]]) -> str:
     fits = [launcher for launcher in LAUNCHERS if memory[launcher]["total"] <= 0.9 * GPU_BYTES]
     return ", ".join(fits) if fits else "none"
@@ -277,14 +283,37 @@ def table(recipe_path: str, overrides: dict[str, dict] | None, gpus: int) -> tup
     return "\n".join(lines), rows
 
 
-# Per-device settings that fit 8 x 80 GB (see docs/scaling.md); the global batch of each stage is kept.
-RECOMMENDED = {
-    "teacher-rl": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 64},
-    "student-rl": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 32},
-    "warmup": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 16},
-    "distill": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 16},
-    "teacher-sft": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 8},
-}
+HEADROOM = 0.85  # of the GPU: the CUDA context, NCCL buffers and allocator fragmentation take the rest
+
+
+def recommend(stage: Stage, launcher: str, gpus: int) -> tuple[int, int] | None:
+    """The largest per-device batch (a power of two) that fits, with the accumulation that keeps the global batch.
+
+    Fewer, larger micro-batches are faster (ZeRO-3 and FSDP2 gather every layer once per micro-batch), so the
+    first fit from the top wins. None when even one sequence per device does not fit.
+    """
+    per_device_total = stage.per_device_batch * stage.gradient_accumulation
+    batch = 1
+    while batch * 2 <= per_device_total and per_device_total % (batch * 2) == 0:
+        batch *= 2
+    while batch >= 1:
+        trial = dataclasses.replace(stage, per_device_batch=batch, gradient_accumulation=per_device_total // batch)
+        if stage_memory(trial, launcher, gpus)["total"] <= HEADROOM * GPU_BYTES:
+            return batch, per_device_total // batch
+        batch //= 2
+    return None
+
+
+def recommendations(recipe_path: str, gpus: int, launcher: str = "zero3") -> dict[str, dict]:
+    import yaml
+
+    recipe = yaml.safe_load(Path(recipe_path).read_text())
+    out = {}
+    for stage in recipe_stages(recipe):
+        fit = recommend(stage, launcher, gpus)
+        if fit:
+            out[stage.name] = {"per_device_train_batch_size": fit[0], "gradient_accumulation_steps": fit[1]}
+    return out
 
 
 # -- measurements on CPU ----------------------------------------------------------------------------
@@ -314,6 +343,22 @@ def live_tensor_bytes() -> int:
     return total
 
 
+def resident_bytes() -> int:
+    """The process's resident set after returning freed heap memory to the OS (glibc), so it follows live memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure_states(launcher: str, out: str) -> None:
     """One rank: build the tiny model, train 2 steps of AdamW under `launcher`, record tensor bytes per rank."""
     import torch
@@ -323,6 +368,7 @@ def measure_states(launcher: str, out: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = Qwen3Config(**TINY_SHAPE)
+    rss_start = resident_bytes()
     batch = torch.randint(0, config.vocab_size, (2, 64))
     if launcher == "fsdp2":
         from torch.distributed.fsdp import fully_shard
@@ -343,11 +389,16 @@ def measure_states(launcher: str, out: str) -> None:
 
         plugin = None
         if launcher == "zero3":
-            world = int(os.environ["WORLD_SIZE"])
+            world, h = int(os.environ["WORLD_SIZE"]), config.hidden_size
             plugin = DeepSpeedPlugin(hf_ds_config={
                 "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * world,
-                "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}, "gradient_clipping": 1.0})
-        accelerator = Accelerator(cpu=True, deepspeed_plugin=plugin)
+                # The values HF's Trainer and accelerate fill in for "auto" (DeepSpeed's own default reduce bucket
+                # is 5e8 elements, a 2 GB fp32 buffer).
+                "zero_optimization": {"stage": 3, "reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                                      "stage3_param_persistence_threshold": 10 * h},
+                "bf16": {"enabled": False}, "gradient_clipping": 1.0})
+        # No CUDA here: DDP runs on gloo (accelerate's MULTI_CPU), ZeRO-3 on DeepSpeed's CPU accelerator.
+        accelerator = Accelerator(cpu=launcher == "ddp", deepspeed_plugin=plugin)
         model = Qwen3ForCausalLM(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         loader = torch.utils.data.DataLoader(list(batch), batch_size=2)
@@ -356,11 +407,12 @@ def measure_states(launcher: str, out: str) -> None:
             accelerator.backward(model(input_ids=batch, labels=batch).loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)  # keep gradients allocated, as between accumulation steps
-        rank = accelerator.process_index
-        engaged = (all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()) if launcher == "zero3"
-                   else type(model).__name__ == "DistributedDataParallel")
+        rank = dist.get_rank()
+        engaged = (any(hasattr(p, "ds_id") and p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
+                   if launcher == "zero3" else type(model).__name__ == "DistributedDataParallel")
     batch = None
     record = {"launcher": launcher, "rank": rank, "engaged": engaged, "live_tensor_bytes": live_tensor_bytes(),
+              "rss_growth_bytes": resident_bytes() - rss_start,
               "params": shape_of("tiny", **TINY_SHAPE).params}
     Path(out).with_suffix(f".{rank}.json").write_text(json.dumps(record))
 
@@ -378,9 +430,13 @@ def run_state_checks(workdir: Path, launchers=("ddp", "zero3", "fsdp2")) -> list
         if done.returncode != 0:
             raise SystemExit(f"{launcher} failed:\n{done.stderr[-3000:]}")
         ranks = [json.loads(p.read_text()) for p in sorted(workdir.glob(f"{launcher}.*.json"))]
-        predicted = sum(state_bytes(shape, launcher, 2, trained=True, compute_bytes=4).values())
+        parts = state_bytes(shape, launcher, 2, trained=True, compute_bytes=4)
+        # "gathered" is transient (freed once a layer is resharded); the rest stays between steps.
+        resident = sum(v for k, v in parts.items() if k != "gathered")
+        python_visible = sum(v for k, v in parts.items() if k not in ("gathered", "ddp buckets"))
         for rank in ranks:
-            results.append({**rank, "predicted_state_bytes": predicted})
+            results.append({**rank, "predicted_resident_bytes": resident,
+                            "predicted_python_visible_bytes": python_visible, "predicted_parts": parts})
     return results
 
 
@@ -429,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("table", help="memory per GPU for each stage of a recipe")
     t.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "examples/recipes/qwen3-8b-to-1.7b.yaml"))
     t.add_argument("--gpus", type=int, default=8)
-    t.add_argument("--recommended", action="store_true", help="with the per-device settings of RECOMMENDED")
+    t.add_argument("--recommended", action="store_true",
+                   help="with the largest per-device batches that fit under ZeRO-3 (same global batch)")
     t.add_argument("--json", help="also write the figures here")
     m = sub.add_parser("measure-states", help="(one rank) tensor bytes after 2 AdamW steps")
     m.add_argument("--launcher", choices=LAUNCHERS, required=True)
@@ -442,8 +499,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "table":
-        text, rows = table(args.recipe, RECOMMENDED if args.recommended else None, args.gpus)
+        overrides = recommendations(args.recipe, args.gpus) if args.recommended else None
+        text, rows = table(args.recipe, overrides, args.gpus)
         print(text)
+        if overrides:
+            print("\nRecommended per-device settings (ZeRO-3, same global batch):\n")
+            print(yaml_text(overrides))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     elif args.command == "measure-states":
@@ -459,9 +520,10 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             results["states"] = run_state_checks(Path(tmp), args.launchers.split(","))
         for row in results["states"]:
-            print(f"states {row['launcher']} rank {row['rank']} (engaged: {row['engaged']}): live tensors "
-                  f"{row['live_tensor_bytes'] / 1e6:,.1f} MB, model {row['predicted_state_bytes'] / 1e6:,.1f} MB "
-                  f"({row['params'] / 1e6:.2f}M params)")
+            print(f"states {row['launcher']} rank {row['rank']} (engaged: {row['engaged']}, {row['params'] / 1e6:.2f}M "
+                  f"params, fp32): tensors reachable from Python {row['live_tensor_bytes'] / 1e6:,.1f} MB (model "
+                  f"{row['predicted_python_visible_bytes'] / 1e6:,.1f}); RSS growth {row['rss_growth_bytes'] / 1e6:,.1f}"
+                  f" MB (model, resident {row['predicted_resident_bytes'] / 1e6:,.1f})")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
 
