@@ -181,7 +181,8 @@ def activation_bytes(stage: Stage, launcher: str) -> dict[str, float]:
         act = tokens * (s.layers * s.hidden * residual + per_layer)
     else:
         act = tokens * s.layers * per_layer
-    out = {"activations": act}
+    # Backward through a layer holds gradients of its activations beside them: about one layer's set more.
+    out = {"activations": act, "backward working set": tokens * per_layer}
     loss_tokens = stage.per_device_batch * stage.loss_tokens
     if stage.logits == "full":
         # TRL: bf16 logits, the temperature-scaled copy, log-softmax kept for backward, and in backward an fp32
@@ -252,7 +253,7 @@ def yaml_text(data) -> str:
 
 
 def launcher_note(stage: Stage, memory: dict[str, dict[str, float]]) -> str:
-    fits = [launcher for launcher in LAUNCHERS if memory[launcher]["total"] <= 0.9 * GPU_BYTES]
+    fits = [launcher for launcher in LAUNCHERS if memory[launcher]["total"] <= HEADROOM * GPU_BYTES]
     return ", ".join(fits) if fits else "none"
 
 
@@ -276,7 +277,7 @@ def table(recipe_path: str, overrides: dict[str, dict] | None, gpus: int) -> tup
             cells = [memory[launcher].get(key) for launcher in LAUNCHERS]
             label = f"**{key}**" if key == "total" else key
             lines.append(f"| {label} | " + " | ".join("" if c is None else f"{c / GB:.1f}" for c in cells) + " |")
-        lines.append(f"\nFits 90% of 80 GB: {launcher_note(stage, memory)}.")
+        lines.append(f"\nFits {HEADROOM:.0%} of 80 GB: {launcher_note(stage, memory)}.")
         rows.append({"stage": stage.name, "settings": dataclasses.asdict(stage) | {
             "trained": stage.trained.name, "frozen": [f.name for f in stage.frozen]},
             "gb_per_gpu": {launcher: {k: v / GB for k, v in memory[launcher].items()} for launcher in LAUNCHERS}})
