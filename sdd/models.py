@@ -223,6 +223,9 @@ def head_for_loss(model, *, trainable: bool):
         yield weight
 
 
+_IN_USE = "sdd.models.whole_models"  # a user of ZeRO-3 parameters besides the engine's own submodules
+
+
 @contextlib.contextmanager
 def whole_models(*models):
     """Every parameter of `models` whole for the body of the `with`, for a forward (and direct reads of the
@@ -242,6 +245,13 @@ def whole_models(*models):
             import deepspeed
 
             stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+            # After training the engine's module hooks re-partition a submodule's parameters when its forward
+            # ends, gathered or not (the tied head with the embedding, before the loss reads it). They release
+            # a parameter only when no module is using it: this context counts as one until it exits, and
+            # is removed before the gather's own exit partitions them.
+            for p in params:
+                p.ds_active_sub_modules.add(_IN_USE)
+            stack.callback(lambda: [p.ds_active_sub_modules.discard(_IN_USE) for p in params])
         for module in fsdp_modules:
             module.unshard()
             stack.callback(module.reshard)

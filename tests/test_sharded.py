@@ -122,6 +122,23 @@ def assert_engine(engine: str, text: str) -> None:
     assert lines[0]["full"] == lines[1]["full"]
 
 
+def assert_engine_checkpoint(engine: str, path: Path) -> None:
+    """Both ranks' RNG states and the engine's own layout: DDP one model + optimizer file; ZeRO-3 the
+    16-bit model plus DeepSpeed's partitioned `global_stepN/`; FSDP2 one distcp shard per rank."""
+    if engine == "ddp":
+        assert_two_rank_checkpoint(path)
+        return
+    names = {p.name for p in path.iterdir()}
+    assert {"trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"} <= names, names
+    if engine == "zero3":
+        step = path.name.split("-")[1]
+        assert {"model.safetensors", f"global_step{step}"} <= names, names
+        assert len(list((path / f"global_step{step}").glob("*optim_states.pt"))) == 2  # one partition per rank
+    else:
+        for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+            assert sorted(p.name for p in (path / folder).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
 def logged(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if '"loss"' in line]
 
@@ -170,8 +187,7 @@ def test_stage_under_every_engine(stage, bootstrapped, tmp_path):
         assert record["status"] == "done" and record["metrics"]["steps"] == 2
         assert record["metrics"]["engine"]["distributed_type"] == engine_lines(text)[0]["type"]
         assert steps_logged(run / name / "log.jsonl") == [1, 2]
-        if engine != "fsdp2":  # FSDP2's checkpoint holds sharded weights in pytorch_model_fsdp_0/
-            assert_two_rank_checkpoint(run / name / "checkpoint-2")
+        assert_engine_checkpoint(engine, run / name / "checkpoint-2")
         final = run / name / "final"
         model = AutoModelForCausalLM.from_pretrained(final)
         saved = weights(final)
@@ -212,9 +228,7 @@ def test_zero3_sigterm_and_resume(toy_run, tmp_path):
     assert record["status"] == "interrupted" and record["attempts"] == 1
     saved = sorted(int(p.name.split("-")[1]) for p in stage_dir.glob("checkpoint-*"))
     assert len(saved) == 1 and 2 <= saved[0] < 30, saved
-    checkpoint = stage_dir / f"checkpoint-{saved[0]}"
-    assert_two_rank_checkpoint(checkpoint)
-    assert (checkpoint / f"global_step{saved[0]}").is_dir()  # DeepSpeed's partitioned optimizer state
+    assert_engine_checkpoint("zero3", stage_dir / f"checkpoint-{saved[0]}")
 
     second = launch_engine("zero3", ["sft", "--run", toy_run, "--role", "student"], out)
     assert second.wait(timeout=900) == 0, out.read_text()[-3000:]
