@@ -216,8 +216,11 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     from trl import SFTConfig
     # As in every sdd stage, the TRL config comes first: under a ZeRO-3 accelerate config it turns on
-    # transformers' zero.Init, so the model below loads partitioned, as a stage's teacher does.
-    SFTConfig(output_dir=sys.argv[2], use_cpu=True, report_to="none")
+    # transformers' zero.Init, so the model below loads partitioned, as a stage's teacher does. (Only while
+    # the config lives: transformers holds it by a weak reference.) The stages' device defaults matter: TRL's
+    # own bf16 default would make zero.Init load the fp32 checkpoint in bf16, and sample other tokens.
+    from sdd.stages.common import device_defaults
+    config = SFTConfig(output_dir=sys.argv[2], report_to="none", **device_defaults())
     from test_parallel_sampling import GATE, NoSignal, gate_rows, sampling_inputs
     from sdd.generation import Ranks
     from sdd.models import is_zero3_partitioned, load_causal_lm, load_tokenizer
