@@ -109,7 +109,7 @@ def part_commands(device: str, out: Path) -> dict[str, list[str]]:
     }
 
 
-TIME_LIMITS = {"cuda": {"rollout": 150, "kl_loss": 90, "overhead": 120, "gpu_tests": 60, "stages": 300},
+TIME_LIMITS = {"cuda": {"rollout": 240, "kl_loss": 90, "overhead": 120, "gpu_tests": 60, "stages": 300},
                "cpu": {"rollout": 120, "kl_loss": 120, "overhead": 300, "gpu_tests": 300, "stages": 900}}
 
 
