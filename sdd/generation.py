@@ -591,13 +591,15 @@ def _import_vllm():
 _VLLM_ENGINE: dict = {}  # at most one engine per process: (key, engine)
 
 
-def _vllm_engine(model_path: str, seed: int, settings: VllmSettings):
+def _vllm_engine(model_path: str, settings: VllmSettings):
     """One engine per process: building it loads weights and captures CUDA graphs (tens of seconds).
 
-    Asking for another model or other settings releases the old engine first: two would not fit.
+    Asking for another model or other settings releases the old engine first: two would not fit. The
+    engine's own seed is fixed: every request carries its seed (`vllm_sampling_kwargs`), so callers that
+    change the sampling seed per chunk (warmup) reuse one engine.
     """
     ranks = Ranks.current()
-    kwargs = settings.engine_kwargs(model_path, seed, ranks)
+    kwargs = settings.engine_kwargs(model_path, 0, ranks)
     key = repr(sorted(kwargs.items()))
     if _VLLM_ENGINE.get("key") == key:
         return _VLLM_ENGINE["engine"]
@@ -637,7 +639,7 @@ def _generate_vllm(model, tokenizer, prompts, params, progress, prompt_indices, 
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     settings.check_fits(max((len(ids) for ids in prompt_ids), default=0), params.max_new_tokens)
     vllm = _import_vllm()
-    engine = _vllm_engine(model, params.seed, settings)
+    engine = _vllm_engine(model, settings)
     results: list[list[Completion]] = []
     for start in range(0, len(prompts), VLLM_REQUESTS_PER_CALL):
         indices = range(start, min(start + VLLM_REQUESTS_PER_CALL, len(prompts)))
