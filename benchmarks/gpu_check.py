@@ -322,7 +322,7 @@ def run_stages(device: str, out: Path) -> None:
     start = time.time()
     paths = build_run(run, device)
     teacher, student, data = str(paths["teacher"]), str(paths["student"]), str(paths["data"])
-    figures: dict = {"build_seconds": round(time.time() - start, 1), "run": str(run),
+    figures: dict = {"build_seconds": round(time.time() - start, 1),
                      "vocab_rows": VOCAB[device][1], "tokenizer_tokens": VOCAB[device][0],
                      "teacher_shape": SHAPES[device]["teacher"], "student_shape": SHAPES[device]["student"]}
     commands = {
@@ -357,6 +357,9 @@ def run_stages(device: str, out: Path) -> None:
         figures[stage] = row
         print(f"{stage}: {outcome} {message} steps={steps} losses={losses} ({row['seconds']} s)", flush=True)
     out.write_text(json.dumps(figures, indent=1))
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)  # models of several GB on a GPU machine; the figures are in the JSON
 
 
 # -- main --------------------------------------------------------------------------------------------
