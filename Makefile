@@ -37,10 +37,10 @@ demo: install
 	$(BIN)/sdd report $(DEMO_ROOT)
 
 # The GPU acceptance run (docs/benchmarks.md): about 10 minutes on one H100/H200, one JSON with every figure.
-# Uses the python on PATH (a GPU image's torch); installs .whl/ into a temp dir if trl & co. are missing.
+# Uses $(PYTHON) from PATH (the GPU image's torch), not .venv; installs .whl/ into a temp dir if trl & co. are missing.
 GPU_CHECK_OUT ?= gpu-check.json
 gpu-check:
-	PYTHONPATH=$(CURDIR) python benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf runs
