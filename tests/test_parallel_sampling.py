@@ -221,7 +221,7 @@ SCRIPT = textwrap.dedent("""
     # own bf16 default would make zero.Init load the fp32 checkpoint in bf16, and sample other tokens.
     from sdd.stages.common import device_defaults
     config = SFTConfig(output_dir=sys.argv[2], report_to="none", **device_defaults())
-    from test_parallel_sampling import GATE, NoSignal, gate_rows, sampling_inputs
+    from test_parallel_sampling import GATE, NoSignal, StopAfter, gate_rows, sampling_inputs
     from sdd.generation import Ranks
     from sdd.models import is_zero3_partitioned, load_causal_lm, load_tokenizer
     from sdd.stages import rl, warmup
@@ -230,6 +230,13 @@ SCRIPT = textwrap.dedent("""
     teacher_path, records, options, provenance = sampling_inputs(run)
     model, tokenizer = load_causal_lm(teacher_path), load_tokenizer(teacher_path)
     partitioned = is_zero3_partitioned(model.get_output_embeddings().weight)
+    # Stopped after the first chunk (as by a SIGTERM), each rank has written its own share of it; then resumed.
+    assert warmup.teacher_samples(model, tokenizer, records, options, out / "samples.jsonl", provenance,
+                                  StopAfter(1), ranks) is None
+    ranks.all_gather(None)  # both shares written
+    if ranks.index == 0:
+        shares = [len((out / f"samples.jsonl.shard{r}-of-2.partial").read_text().splitlines()) - 1 for r in (0, 1)]
+        print(f"first chunk's rows per rank: {shares}", flush=True)
     rows = warmup.teacher_samples(model, tokenizer, records, options, out / "samples.jsonl", provenance,
                                   NoSignal(), ranks)
     student = load_causal_lm(str(run / "sft-student" / "final"))
@@ -254,7 +261,35 @@ def test_two_processes_sample_and_gate_as_one(engine, bootstrapped, one_process,
     assert result.returncode == 0, text[-3000:]
     for rank in (0, 1):  # ZeRO-3 really partitioned the teacher (a 0-element head outside the engine); DDP did not
         assert f"rank {rank} of 2 on cpu" in text and f"partitioned={engine == 'zero3'} rows={PROMPTS}" in text, text[-3000:]
+    assert "first chunk's rows per rank: [3, 2]" in text, text[-3000:]  # positions 0, 2, 4 and 1, 3 of 5
     assert (out / "samples.jsonl").read_bytes() == one_process["samples"]
     gate = json.loads((out / "gate.json").read_text())
     assert gate["kept_ids"] == one_process["gate"]["kept_ids"] and gate["buckets"] == one_process["gate"]["buckets"]
     assert sorted(p.name for p in out.iterdir()) == ["gate.json", "samples.jsonl"]
+
+
+@pytest.mark.slow
+def test_warmup_stage_on_two_processes_writes_the_one_process_sample_file(bootstrapped, tmp_path):
+    """The whole stage, wired as users run it: `sdd warmup` under the launcher (DDP, 2 ranks) and in one
+    process write the same teacher-samples.jsonl, byte for byte, and no shard file is left."""
+    import shutil
+
+    from conftest import sdd, set_tiny
+    from test_multiprocess import launch
+
+    runs = {}
+    for label in ("one", "two"):
+        runs[label] = tmp_path / label / "run"
+        shutil.copytree(bootstrapped, runs[label])
+        set_tiny(runs[label], warmup={"max_steps": 1, "save_steps": 1, "logging_steps": 1, "sample_chunk": 5,
+                                      "prompts": 16, "heldout_prompts": 4})
+    sdd("warmup", "--run", runs["one"])
+    out = tmp_path / "launch.txt"
+    assert launch(["warmup", "--run", runs["two"]], out, in_process=True).wait(timeout=900) == 0, out.read_text()[-3000:]
+    text = out.read_text()
+    for rank in (0, 1):
+        assert f"rank {rank}: ok  process_group_alive=False" in text, text[-3000:]
+    one, two = (runs[label] / "warmup" for label in ("one", "two"))
+    assert (two / "teacher-samples.jsonl").read_bytes() == (one / "teacher-samples.jsonl").read_bytes()
+    assert len((one / "teacher-samples.jsonl").read_text().splitlines()) == 1 + 20
+    assert not list(two.glob("teacher-samples.jsonl.*"))
