@@ -196,6 +196,9 @@ def test_stage_under_every_engine(stage, bootstrapped, tmp_path):
         assert all(t.numel() > 0 for t in saved.values()) and sum(p.numel() for p in model.parameters()) == \
             engine_lines(text)[0]["full"]
         curves[engine] = logged(run / name / "log.jsonl")
+        if stage == "warmup":  # the ranks sampled their shares; merged, the file is the one-process file
+            samples = "teacher-samples.jsonl"
+            assert (run / name / samples).read_bytes() == (reference / name / samples).read_bytes()
 
     for engine in ("zero3", "fsdp2"):  # the engine computes what DDP computes, step by step
         for ours, ddp in zip(curves[engine], curves["ddp"], strict=True):
