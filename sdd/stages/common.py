@@ -613,7 +613,8 @@ def check_update_precision(trainer) -> None:
     import torch
 
     lr = float(trainer.args.learning_rate)
-    params = [p for p in trainer.model.parameters() if p.requires_grad and p.numel() > 0]
+    # ZeRO-3 shards (0 elements here) and meta placeholders (FSDP's rank-0-only loading) say nothing of scale
+    params = [p for p in trainer.model.parameters() if p.requires_grad and p.numel() > 0 and not p.is_meta]
     if not params or lr <= 0:
         return
     master = torch.float32 if trainer.is_deepspeed_enabled else params[0].dtype
