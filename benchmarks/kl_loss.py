@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpu-naive-limit-gb", type=float, default=8.0)
     parser.add_argument("--out", help="also write the markdown table here")
+    parser.add_argument("--json", help="also write the rows as JSON here (benchmarks/gpu_check.py reads it)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -315,6 +316,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         with open(args.out, "w") as out:
             out.write(table)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as out:
+            json.dump({"device": device_name(device), "dtype": str(dtype), "vocab": args.vocab,
+                       "student_hidden": args.student_hidden, "teacher_hidden": args.teacher_hidden,
+                       "rows": results}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--check", action="store_true", help="also print determinism and sampler-cost checks")
+    parser.add_argument("--json", help="also write the figures as JSON here (benchmarks/gpu_check.py reads it)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -321,9 +322,23 @@ def main(argv: list[str] | None = None) -> None:
             f"{100 * rate / bound_weights_kv:.2f}% |",
             flush=True,
         )
-    if args.check:
-        for line in checks(model, tokenizer, prompts, params, args.device):
-            print(f"# check: {line}", flush=True)
+    check_lines = checks(model, tokenizer, prompts, params, args.device) if args.check else []
+    for line in check_lines:
+        print(f"# check: {line}", flush=True)
+    if args.json:
+        import json
+
+        best = {setting: max(values) for setting, values in rates.items()}
+        with open(args.json, "w") as out:
+            json.dump({
+                "device": device_name, "shape": args.shape, "dtype": str(dtype), "batch": args.batch,
+                "new_tokens": args.new_tokens, "repeats": args.repeats, "weight_bytes": weight_bytes,
+                "bound_tok_s": bound_weights_kv, "best_tok_s": best,
+                "median_tok_s": {s: statistics.median(v) for s, v in rates.items()},
+                "first_call_s": first_call_s, "skipped": skipped,
+                "hf_over_untuned": best["hf"] / best["untuned"] if {"hf", "untuned"} <= best.keys() else None,
+                "checks": check_lines,
+            }, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -124,13 +124,14 @@ def time_train(builder, run: Path, steps: int, sdd_side: bool, out: Path) -> tup
     return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stages", default="sft,grpo,distill")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--json", help="also write the figures as JSON here (benchmarks/gpu_check.py reads it)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="sdd-overhead-"))
     run = toy(root)
@@ -139,6 +140,7 @@ def main() -> None:
     print("| stage | bare TRL CPU s/step | through sdd CPU s/step | sdd / bare, CPU | sdd / bare, wall "
           "| paired wall ratio, median [range] |")
     print("|---|---:|---:|---:|---:|---:|")
+    rows = []
     for stage in args.stages.split(","):
         bare, ours = [], []
         for i in range(args.repeats):
@@ -149,6 +151,15 @@ def main() -> None:
         print(f"| {stage} | {min(bare_cpu):.3f} | {min(ours_cpu):.3f} | {min(ours_cpu) / min(bare_cpu):.3f} | "
               f"{min(ours_wall) / min(bare_wall):.3f} | {statistics.median(ratios):.3f} "
               f"[{min(ratios):.2f}, {max(ratios):.2f}] |", flush=True)
+        rows.append({"stage": stage, "bare_cpu_s_per_step": min(bare_cpu), "sdd_cpu_s_per_step": min(ours_cpu),
+                     "bare_wall_s_per_step": min(bare_wall), "sdd_wall_s_per_step": min(ours_wall),
+                     "sdd_over_bare_wall": min(ours_wall) / min(bare_wall), "paired_wall_ratios": ratios})
+    if args.json:
+        import json
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        Path(args.json).write_text(json.dumps({"device": device, "steps": args.steps, "repeats": args.repeats,
+                                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,15 +24,28 @@ Public API::
 
     generate(model, tokenizer, prompts: list[str], params: SamplingParams, *, backend="hf",
              batch_size: int | None = None, progress: Callable[[int], None] | None = None,
-             hf_mode: str = "auto") -> list[list[Completion]]
+             hf_mode: str = "auto", prompt_indices: Sequence[int] | None = None,
+             vllm: VllmSettings | None = None) -> list[list[Completion]]
     trainer_generation_options(backend: str) -> dict
     vllm_sampling_kwargs(params: SamplingParams, prompt_index: int) -> dict
+    VllmSettings(tensor_parallel_size=1, gpu_memory_utilization=0.9, max_model_len=None)
+    release_vllm() -> None          # frees the cached engine and its GPU memory
+    Ranks.current() -> Ranks        # this process's rank, rank count and device under a launcher
+    ready_for_generation(model, device)   # context: the model on `device`, ZeRO-3 parameters gathered
     auto_batch_size(model, prompt_tokens: int, new_tokens: int) -> int
     sample_tokens(logits_BV, row_keys_B, step, temperature, top_k, top_p) -> token ids (B,)
 
 `generate` takes prompts already rendered with the chat template (tokenized with add_special_tokens=False)
 and returns, for each prompt in input order, its `n` completions. `model` is a loaded `PreTrainedModel`
-for backend "hf" and a local path or hub id for "vllm".
+for backend "hf" and a local path or hub id for "vllm". Prompt i's random numbers come from its index
+`prompt_indices[i]` (default: i), so a rank that samples a slice of a larger prompt list passes the
+slice's indices in that list and draws exactly what one process sampling the whole list would.
+
+Data-parallel sampling (warmup's teacher samples, the GRPO gate) splits prompts across the ranks of a
+launcher with `Ranks`; each rank generates on its own device. Under DeepSpeed ZeRO-3, transformers
+loads a model already partitioned (every rank holds a 0-element shard of each weight), and a forward
+outside the DeepSpeed engine fails; `ready_for_generation` gathers the full weights on every rank for
+the duration (a collective: every rank must enter it) and partitions them again on exit.
 
 Backend "hf" is transformers' `generate`, made fast rather than replaced:
 
@@ -67,18 +80,26 @@ Sampling semantics match vLLM's (and TRL's rollouts): temperature scales the log
 the k most likely tokens, then top-p keeps the smallest set of those whose probability mass reaches
 top_p; temperature 0 is greedy (argmax) and returns n copies of one decode.
 
-Backend "vllm" is vLLM's offline engine (`vllm.LLM`), imported lazily and cached per model path. Prompt
-i is submitted as token ids with `vllm_sampling_kwargs(params, i)`: same meaning of every option, a
-seed derived from (seed, i). vLLM's samples are reproducible run to run but are not the same tokens
-as the "hf" backend's; only their distribution is shared.
+Backend "vllm" is vLLM's offline engine (`vllm.LLM`), imported lazily and cached per model path and
+`VllmSettings` (tensor parallel size, GPU memory share, maximum model length). Prompt i is submitted as
+token ids with `vllm_sampling_kwargs(params, prompt_indices[i])`: same meaning of every option, a seed
+derived from (seed, index). vLLM's samples are reproducible run to run but are not the same tokens as
+the "hf" backend's; only their distribution is shared. Under a launcher with several ranks the engine
+uses vLLM's "external_launcher" executor (as TRL's colocate mode does): each group of
+`tensor_parallel_size` consecutive ranks runs one engine and must submit the same prompts. A caller
+that trains afterwards calls `release_vllm()` first, so the engine's memory (by default 90% of the
+GPU) is free for training. vLLM is not installed where sdd's tests run: this backend's option checks
+are tested, its generation is not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
+import gc
 import importlib.util
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -156,16 +177,22 @@ def generate(
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     hf_mode: str = "auto",
+    prompt_indices: Sequence[int] | None = None,
+    vllm: VllmSettings | None = None,
 ) -> list[list[Completion]]:
     """Sample `params.n` completions for each rendered prompt; see the module docstring for guarantees.
 
     `progress(k)` is called with the number of completions just finished (per batch on "hf", per chunk
     of requests on "vllm"), so a caller can drive a progress bar over len(prompts) * n.
+    `prompt_indices[i]` is the index prompt i's random numbers are drawn for (default i).
     """
+    indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
+    if len(indices) != len(prompts):
+        raise SddError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
     if backend == "hf":
-        return _generate_hf(model, tokenizer, list(prompts), params, batch_size, progress, hf_mode)
+        return _generate_hf(model, tokenizer, list(prompts), params, batch_size, progress, hf_mode, indices)
     if backend == "vllm":
-        return _generate_vllm(model, tokenizer, list(prompts), params, progress)
+        return _generate_vllm(model, tokenizer, list(prompts), params, progress, indices, vllm or VllmSettings())
     raise SddError(f"unknown generation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -371,7 +398,7 @@ def _to_completion(token_ids: list[int], stop_ids: set[int]) -> tuple[list[int],
     return token_ids, "length"
 
 
-def _generate_hf(model, tokenizer, prompts, params, batch_size, progress, hf_mode):
+def _generate_hf(model, tokenizer, prompts, params, batch_size, progress, hf_mode, prompt_indices):
     mode = _resolve_hf_mode(model, hf_mode)
     if not prompts:
         return []
@@ -439,7 +466,7 @@ def _generate_hf(model, tokenizer, prompts, params, batch_size, progress, hf_mod
             processors = None
             if not params.greedy:
                 keys_B = torch.tensor(
-                    [_as_int64(row_key(params.seed, i, j)) for i, j in padded_rows], dtype=torch.int64
+                    [_as_int64(row_key(params.seed, prompt_indices[i], j)) for i, j in padded_rows], dtype=torch.int64
                 )
                 processors = LogitsProcessorList([_CounterSampler(keys_B.to(model.device), width, params)])
             sequences = model.generate(
@@ -495,6 +522,64 @@ def vllm_sampling_kwargs(params: SamplingParams, prompt_index: int) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class VllmSettings:
+    """How the vLLM engine is built: the options a large model needs, with vLLM's names.
+
+    `gpu_memory_utilization` is the share of the whole GPU vLLM takes for weights and KV cache; at
+    vLLM's 0.9 nothing else may hold GPU memory while the engine lives, so sdd loads no HF model onto
+    the GPU before a vLLM sampling pass and releases the engine (`release_vllm`) before training.
+    `max_model_len` caps prompt + completion tokens (vLLM otherwise sizes for the model's full
+    context, which may not fit the KV cache). Under a launcher, `tensor_parallel_size` must divide the
+    number of ranks.
+    """
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise SddError(f"vllm_tensor_parallel_size must be a whole number >= 1, got {self.tensor_parallel_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise SddError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise SddError(f"vllm_max_model_length must be a whole number >= 1 or unset, got {self.max_model_len}")
+
+    def check_fits(self, prompt_tokens: int, new_tokens: int) -> None:
+        """Refuse before loading anything when a prompt plus its completion cannot fit `max_model_len`."""
+        if self.max_model_len is not None and prompt_tokens + new_tokens > self.max_model_len:
+            raise SddError(f"the longest prompt ({prompt_tokens} tokens) plus max_new_tokens ({new_tokens}) exceeds "
+                           f"vllm_max_model_length ({self.max_model_len}); raise it or lower max_new_tokens")
+
+    def engine_kwargs(self, model_path: str, seed: int, ranks: Ranks) -> dict:
+        """Keyword arguments of `vllm.LLM` for this process.
+
+        Under a launcher (several ranks) each group of `tensor_parallel_size` consecutive ranks runs one
+        engine through vLLM's "external_launcher" executor, which reuses the launcher's processes instead
+        of spawning its own; the ranks of a group share a seed (TRL's colocate mode does the same).
+        """
+        kwargs = {"model": model_path, "seed": seed, "tensor_parallel_size": self.tensor_parallel_size,
+                  "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len}
+        if ranks.count > 1:
+            if ranks.count % self.tensor_parallel_size:
+                raise SddError(f"vllm_tensor_parallel_size ({self.tensor_parallel_size}) must divide the number of "
+                               f"processes ({ranks.count})")
+            kwargs.update(distributed_executor_backend="external_launcher",
+                          seed=seed + ranks.index // self.tensor_parallel_size)
+        return kwargs
+
+    def groups(self, ranks: Ranks) -> tuple[int, int, bool]:
+        """(this rank's engine group, number of groups, whether this rank writes the group's results)."""
+        if ranks.count == 1:
+            return 0, 1, True
+        if ranks.count % self.tensor_parallel_size:
+            raise SddError(f"vllm_tensor_parallel_size ({self.tensor_parallel_size}) must divide the number of "
+                           f"processes ({ranks.count})")
+        size = self.tensor_parallel_size
+        return ranks.index // size, ranks.count // size, ranks.index % size == 0
+
+
 def _import_vllm():
     if importlib.util.find_spec("vllm") is None:
         raise SddError("--backend vllm needs vLLM: pip install vllm")
@@ -503,23 +588,63 @@ def _import_vllm():
     return vllm
 
 
-@functools.lru_cache(maxsize=1)
-def _vllm_engine(model_path: str, seed: int):
-    """One engine per process: building it loads weights and captures CUDA graphs (tens of seconds)."""
-    return _import_vllm().LLM(model=model_path, seed=seed)
+_VLLM_ENGINE: dict = {}  # at most one engine per process: (key, engine)
 
 
-def _generate_vllm(model, tokenizer, prompts, params, progress):
+def _vllm_engine(model_path: str, settings: VllmSettings):
+    """One engine per process: building it loads weights and captures CUDA graphs (tens of seconds).
+
+    Asking for another model or other settings releases the old engine first: two would not fit. The
+    engine's own seed is fixed: every request carries its seed (`vllm_sampling_kwargs`), so callers that
+    change the sampling seed per chunk (warmup) reuse one engine.
+    """
+    ranks = Ranks.current()
+    kwargs = settings.engine_kwargs(model_path, 0, ranks)
+    key = repr(sorted(kwargs.items()))
+    if _VLLM_ENGINE.get("key") == key:
+        return _VLLM_ENGINE["engine"]
+    release_vllm()
     vllm = _import_vllm()
+    if ranks.count > 1:  # external_launcher reads the launcher's rendezvous from the environment
+        os.environ.setdefault("LOCAL_RANK", str(ranks.local_index))
+    engine = vllm.LLM(**kwargs)
+    _VLLM_ENGINE.update(key=key, engine=engine)
+    return engine
+
+
+def release_vllm() -> None:
+    """Drop the cached engine and return its GPU memory, so training can use it.
+
+    vLLM holds `gpu_memory_utilization` of the GPU until its engine is garbage collected. Its
+    model-parallel groups are destroyed too; the launcher's own process group is left alone (the
+    trainer needs it). Not exercised by the test suite: vLLM is not installed there.
+    """
+    engine = _VLLM_ENGINE.pop("engine", None)
+    _VLLM_ENGINE.pop("key", None)
+    if engine is None:
+        return
+    del engine
+    with contextlib.suppress(Exception):  # the module moved between vLLM versions; freeing memory is what matters
+        from vllm.distributed.parallel_state import destroy_model_parallel
+
+        destroy_model_parallel()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generate_vllm(model, tokenizer, prompts, params, progress, prompt_indices, settings: VllmSettings):
     if not isinstance(model, str):
         raise SddError("--backend vllm takes the model as a path or hub id, not a loaded model")
-    engine = _vllm_engine(model, params.seed)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    settings.check_fits(max((len(ids) for ids in prompt_ids), default=0), params.max_new_tokens)
+    vllm = _import_vllm()
+    engine = _vllm_engine(model, settings)
     results: list[list[Completion]] = []
     for start in range(0, len(prompts), VLLM_REQUESTS_PER_CALL):
         indices = range(start, min(start + VLLM_REQUESTS_PER_CALL, len(prompts)))
         requests = [{"prompt_token_ids": prompt_ids[i]} for i in indices]
-        sampling = [vllm.SamplingParams(**vllm_sampling_kwargs(params, i)) for i in indices]
+        sampling = [vllm.SamplingParams(**vllm_sampling_kwargs(params, prompt_indices[i])) for i in indices]
         outputs = engine.generate(requests, sampling_params=sampling, use_tqdm=False)
         for output in outputs:
             samples = [
@@ -536,3 +661,61 @@ def _generate_vllm(model, tokenizer, prompts, params, progress):
         if progress is not None:
             progress(len(indices) * params.n)
     return results
+
+
+# --------------------------------------------------------------------------------------------------
+# data-parallel sampling
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place under a launcher: rank, number of ranks, and the device it owns.
+
+    Read from accelerate's PartialState, which the launcher's environment configures (it sets each
+    rank's CUDA device from LOCAL_RANK); without a launcher: rank 0 of 1 on the default device.
+    """
+
+    index: int = 0
+    count: int = 1
+    device: str = "cpu"
+    local_index: int = 0
+
+    @classmethod
+    def current(cls) -> Ranks:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return cls(state.process_index, state.num_processes, str(state.device), state.local_process_index)
+
+    def share(self, count: int) -> list[int]:
+        """The positions in range(count) this rank handles: every `count`-th one from its own index."""
+        return list(range(self.index, count, self.count))
+
+    def all_gather(self, value):
+        """Every rank's `value`, in rank order (a collective: every rank must call it)."""
+        if self.count == 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.count
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+
+@contextlib.contextmanager
+def ready_for_generation(model, device: str):
+    """The model usable by `generate` on this rank: on `device`, with ZeRO-3 shards gathered if any.
+
+    Gathering is a collective over the ranks (every rank must enter, each then holds the full weights
+    until exit); leaving partitions the weights again without a collective. A model that is not
+    partitioned is moved to `device` and stays there (the trainer would move it there anyway).
+    """
+    from sdd.models import is_zero3_partitioned, whole_models
+
+    if any(is_zero3_partitioned(p) for p in model.parameters()):
+        with whole_models(model):
+            yield model
+        return
+    if model.device != torch.device(device):
+        model.to(device)
+    yield model

@@ -45,7 +45,8 @@ Public API:
 `impl` picks who computes the full-vocabulary passes: "trl" calls TRL's fused kernels
 (`trl.kernels.chunked_divergence.ChunkedDivergenceFunction`, `chunked_logprob.ChunkedLogProbFunction`:
 Triton on CUDA, torch tiles elsewhere), "torch" is this module's chunked PyTorch path, and "auto" takes
-TRL whenever it is importable and the inputs are not float64 (TRL's buffers are fp32). The torch path
+TRL whenever it is importable, the inputs are not float64 (TRL's buffers are fp32) and DeepSpeed ZeRO-3
+is off (TRL's kernels then want the unsliced ZeRO Parameter; sdd.models.head_for_loss gives whole heads). The torch path
 exists so the formulas can be read here line for line, run in float64 (gradcheck), and keep working
 without TRL.
 
@@ -303,6 +304,16 @@ def _trl_kernels_available() -> bool:
     return True
 
 
+def _zero3_enabled() -> bool:
+    import sys
+
+    if "deepspeed" not in sys.modules:  # nothing can be partitioned without DeepSpeed imported
+        return False
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def _resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
     if impl not in ("auto", "torch", "trl"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'trl', got {impl!r}")
@@ -310,6 +321,10 @@ def _resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
         return impl
     if any(tensor.dtype == torch.float64 for tensor in tensors):
         return "torch"  # TRL's tiles are fp32; float64 inputs are asked for float64 answers
+    if _zero3_enabled():
+        # TRL's kernels gather the head themselves under ZeRO-3 and so accept only the unsliced ZeRO Parameter;
+        # sdd hands the loss a head already whole (sdd.models.head_for_loss), sliced to the shared vocabulary.
+        return "torch"
     return "trl" if _trl_kernels_available() else "torch"
 
 

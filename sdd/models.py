@@ -7,6 +7,7 @@ safetensors (no pickle). Every failure a user can fix becomes one line naming th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -79,8 +80,14 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(name: str, *, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None):
-    """A causal LM from a hub id or a local directory, refusing pickled weights."""
+def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None):
+    """A causal LM from a hub id or a local directory, refusing pickled weights.
+
+    The default, float32, is for the model a stage trains: its weights are the optimizer's master copy,
+    and bf16 weights (what `dtype="auto"` gives for a bf16 checkpoint) cannot take lr 1e-6 updates
+    (FINDINGS: 2% of weights moved against 46% in fp32). Compute still runs in bf16 where the device has
+    it (TRL's `bf16=True` autocast, DeepSpeed's bf16 mode, FSDP's mixed precision). Frozen models (teachers,
+    eval) pass `dtype="auto"` and stay in their checkpoint's dtype."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -89,7 +96,9 @@ def load_causal_lm(name: str, *, dtype: str = "auto", trust_remote_code: bool = 
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
         raise SddError(f"could not load model {name}: {_first_line(err)}{_remote_code_hint(err)}") from None
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, str(dtype), None)
+    if not isinstance(torch_dtype, (str, torch.dtype)):
+        raise SddError(f"dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -152,3 +161,98 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher_config, stud
             f"lm_head sizes do not cover the tokenizer: teacher {t_rows}, student {s_rows} rows for {tokens} tokens"
         )
     return tokens
+
+
+# -- engines: what a loss may read from a model that DeepSpeed ZeRO-3 or FSDP2 holds in shards ------
+
+
+def is_zero3_partitioned(tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter: outside its module's forward its local tensor is a 0-element shard."""
+    return hasattr(tensor, "ds_id")
+
+
+def is_dtensor(tensor) -> bool:
+    """An FSDP2 (fully_shard) parameter: a DTensor whose local tensor is this rank's shard."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+@contextlib.contextmanager
+def head_for_loss(model, *, trainable: bool):
+    """The lm_head weight as a whole (V, H) tensor a chunked loss can project with, under any engine.
+
+    The losses read `lm_head.weight` themselves (that is what lets them avoid the N x V logits), so
+    they see what the engine keeps between forwards: under ZeRO-3 a 0-element shard, under FSDP2 a
+    DTensor shard. This is the one place that turns either into the full matrix:
+
+    - FSDP2: `full_tensor()`, an all-gather with autograd, so the gradient flows back into the shards.
+    - ZeRO-3, frozen (the teacher; no gradient): gathered for the body of the `with` and re-partitioned
+      after it (`GatheredParameters`, modifier_rank None: nothing written back).
+    - ZeRO-3, trainable (the student): the gradient is computed in the trainer's backward, after this
+      block, and needs the full weight again then. So the head is registered as an external parameter
+      of the top-level module (once): DeepSpeed then gathers it with that module's own parameters at
+      its forward (the loss runs inside it, through TRL's forward redirection) and again at its
+      backward, and reduce-scatters its gradient into the real Parameter's shard like any other.
+    - anything else (one process, DDP): the Parameter itself.
+
+    Must be entered on every rank at the same point: each gather is a collective.
+    """
+    weight = model.get_output_embeddings().weight
+    if is_dtensor(weight):
+        yield weight.full_tensor()
+    elif is_zero3_partitioned(weight) and not trainable:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            # a copy: the loss keeps it for its backward, after this block has re-partitioned the weight
+            yield weight.detach().clone()
+    elif is_zero3_partitioned(weight):
+        if getattr(weight, "_sdd_external_of", None) != id(model):
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(model, weight)
+            weight._sdd_external_of = id(model)
+        if weight.numel() == 0:  # called outside the engine's forward: the registration cannot help
+            raise RuntimeError("the ZeRO-3 student's lm_head is not gathered: call the loss through the engine's "
+                               "forward (TRL's _ForwardRedirection)")
+        yield weight
+    else:
+        yield weight
+
+
+_IN_USE = "sdd.models.whole_models"  # a user of ZeRO-3 parameters besides the engine's own submodules
+
+
+@contextlib.contextmanager
+def whole_models(*models):
+    """Every parameter of `models` whole for the body of the `with`, for a forward (and direct reads of the
+    head) outside the training engine, e.g. warmup's held-out KL: ZeRO-3 partitions gathered, FSDP2 modules
+    unsharded then resharded; a no-op for plain models. Nothing written inside is kept. All ranks must
+    enter it together (each gather is a collective)."""
+    params = [p for model in models for p in model.parameters() if is_zero3_partitioned(p)]
+    fsdp_modules = []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp_modules = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
+    except ImportError:
+        pass
+    with contextlib.ExitStack() as stack:
+        if params:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+            # After training the engine's module hooks re-partition a submodule's parameters when its forward
+            # ends, gathered or not (the tied head with the embedding, before the loss reads it). They release
+            # a parameter only when no module is using it: this context counts as one until it exits, and
+            # is removed before the gather's own exit partitions them.
+            for p in params:
+                p.ds_active_sub_modules.add(_IN_USE)
+            stack.callback(lambda: [p.ds_active_sub_modules.discard(_IN_USE) for p in params])
+        for module in fsdp_modules:
+            module.unshard()
+            stack.callback(module.reshard)
+        yield

@@ -160,6 +160,21 @@ def test_samples_do_not_depend_on_batch_size_or_neighbours(model, tokenizer):
     assert ids_of(generate(model, tokenizer, other_neighbours, params, batch_size=12))[0] == together[0]
 
 
+def test_a_slice_with_its_prompt_indices_samples_what_the_whole_list_does(model, tokenizer):
+    """What data-parallel sampling rests on: rank r of P generating positions r, r + P, ... with those
+    indices draws exactly the rows one process draws for them; without the indices it would not."""
+    params = SamplingParams(n=2, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10, seed=3)
+    whole = ids_of(generate(model, tokenizer, PROMPTS, params))
+    for rank in (0, 1):
+        positions = range(rank, len(PROMPTS), 2)
+        share = ids_of(generate(model, tokenizer, [PROMPTS[p] for p in positions], params, prompt_indices=positions))
+        assert share == [whole[p] for p in positions]
+    unindexed = ids_of(generate(model, tokenizer, PROMPTS[1::2], params))
+    assert unindexed != [whole[p] for p in range(1, len(PROMPTS), 2)]
+    with pytest.raises(SddError, match="prompt_indices has 1 entries for 2 prompts"):
+        generate(model, tokenizer, PROMPTS[:2], params, prompt_indices=[0])
+
+
 def test_static_cache_path_samples_as_the_dynamic_one(model, tokenizer):
     """The static path pads widths and fills the last batch with copies; neither may change a sample."""
     params = SamplingParams(n=1, temperature=0.8, max_new_tokens=8, seed=5)

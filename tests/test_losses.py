@@ -627,3 +627,89 @@ def test_cuda_bf16_matches_fp64_reference(impl):
         strict=True,
     ):
         assert rel(got, want) < 2e-2
+
+
+# --------------------------------------------------------------------------------------------------
+# The head a loss reads, under the engines (sdd.models.head_for_loss). ZeRO-3 and 2-rank FSDP2 run
+# end to end in tests/test_sharded.py; here the one-process cases and an FSDP2 DTensor on a 1-rank mesh.
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_lm(tie: bool):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=tie)
+    return Qwen3ForCausalLM(config)
+
+
+def _kl_and_head_grad(model, teacher, ids, seen: list | None = None):
+    """Forward KL's value and the student head's gradient, the loss run inside the model's own forward as
+    the trainers run it (TRL's forward redirection): FSDP2's hooks unshard and reshard around it."""
+    from trl.models.utils import _ForwardRedirection
+
+    from sdd.agreement import last_hidden_states
+    from sdd.models import head_for_loss
+
+    def loss(student):
+        from sdd.models import is_dtensor
+
+        if seen is not None:
+            seen.append(is_dtensor(student.get_output_embeddings().weight))
+        attention = torch.ones_like(ids)
+        h_s = last_hidden_states(student, ids, attention)[0]
+        with torch.no_grad():
+            h_t = last_hidden_states(teacher, ids, attention)[0]
+        with head_for_loss(student, trainable=True) as head_s, head_for_loss(teacher, trainable=False) as head_t:
+            divergence, _ = token_divergence(h_s, head_s, h_t, head_t, beta=1.0, vocab_size=37)  # 3 padding rows
+        return divergence.sum()
+
+    model.zero_grad()
+    value = _ForwardRedirection()(model, model, loss, model)
+    value.backward()
+    grad = model.get_output_embeddings().weight.grad
+    return float(value.detach()), (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
+
+
+def test_head_for_loss_is_the_parameter_itself_without_an_engine():
+    from sdd.models import head_for_loss, whole_models
+
+    model, teacher = _tiny_lm(tie=True), _tiny_lm(tie=False)
+    with head_for_loss(model, trainable=True) as head:
+        assert head is model.get_output_embeddings().weight
+    with whole_models(model, teacher):  # nothing to gather: a no-op
+        pass
+    value, grad = _kl_and_head_grad(model, teacher, torch.randint(0, 37, (1, 9)))
+    assert value > 0 and grad[:37].abs().sum() > 0 and grad[37:].abs().sum() == 0  # padding rows get none
+
+
+def test_head_for_loss_gathers_an_fsdp2_dtensor_and_the_gradient_reaches_the_shard(tmp_path):
+    """fully_shard on a 1-rank gloo mesh: the head is a DTensor; the loss and the head's gradient equal
+    the unsharded model's (the gradient flows back through full_tensor into the DTensor parameter)."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from sdd.models import is_dtensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, teacher = _tiny_lm(tie=False), _tiny_lm(tie=True)
+        ids = torch.randint(0, 37, (1, 9))
+        expected_value, expected_grad = _kl_and_head_grad(copy.deepcopy(model), teacher, ids)
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model.lm_head, mesh=mesh)  # its own unit: still a DTensor while the root's forward runs
+        fully_shard(model, mesh=mesh)
+        assert is_dtensor(model.get_output_embeddings().weight)
+        seen: list = []
+        value, grad = _kl_and_head_grad(model, teacher, ids, seen)
+        assert seen == [True]  # the loss met a DTensor head: head_for_loss's full_tensor() path ran
+        assert value == pytest.approx(expected_value, rel=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()

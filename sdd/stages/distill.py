@@ -59,18 +59,14 @@ def distillation_trainer(base_cls):
     import torch
 
     from sdd.losses import sampled_token_reverse_kl_loss, selected_token_logprobs, token_divergence
+    from sdd.models import head_for_loss
 
     class Distiller(base_cls):
         def __init__(self, *args, teacher_model, vocab_size: int, estimator: str, **kwargs):
             super().__init__(*args, teacher_model=None, **kwargs)
             self.vocab_size = vocab_size
             self.estimator = estimator
-            if self.is_deepspeed_enabled:
-                from trl.models.utils import prepare_deepspeed
-
-                self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-            else:
-                self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            self.teacher_model = common.prepare_teacher(self, teacher_model)
 
         def _log_mean(self, name: str, values_N: torch.Tensor) -> None:
             mode = "train" if self.model.training else "eval"
@@ -91,29 +87,29 @@ def distillation_trainer(base_cls):
                                                       input_ids, attention_mask, completions)
             h_student_N, h_teacher_N = h_student[mask_BC], h_teacher[mask_BC]
             tokens_N = inputs["completion_ids"][mask_BC]
-            head_s = unwrapped_student.get_output_embeddings()
-            head_t = teacher.get_output_embeddings()
-            with torch.no_grad():
-                teacher_logprobs_N = selected_token_logprobs(h_teacher_N, head_t.weight, tokens_N,
-                                                             temperature=self.temperature, vocab_size=self.vocab_size)
-            denominator = num_items_in_batch if num_items_in_batch is not None else max(1, tokens_N.numel())
-            if self.estimator == "sampled-token":
-                student_logprobs_N = selected_token_logprobs(h_student_N, head_s.weight, tokens_N,
-                                                             temperature=self.temperature, vocab_size=self.vocab_size)
-                loss, _ = sampled_token_reverse_kl_loss(
-                    student_logprobs_N.unsqueeze(0), teacher_logprobs_N.unsqueeze(0),
-                    torch.ones_like(student_logprobs_N, dtype=torch.bool).unsqueeze(0),
-                    num_items_in_batch=denominator,
-                )
-                per_token_kl_N = (student_logprobs_N - teacher_logprobs_N).detach()  # the estimator's own KL sample
-                entropy_N = -student_logprobs_N.detach()
-            else:
-                divergence_N, entropy_N = token_divergence(
-                    h_student_N, head_s.weight, h_teacher_N, head_t.weight, beta=self.beta,
-                    temperature=self.temperature, vocab_size=self.vocab_size,
-                )
-                loss = divergence_N.sum() / denominator
-                per_token_kl_N = divergence_N.detach()
+            with head_for_loss(unwrapped_student, trainable=True) as head_s, \
+                    head_for_loss(teacher, trainable=False) as head_t:
+                with torch.no_grad():
+                    teacher_logprobs_N = selected_token_logprobs(h_teacher_N, head_t, tokens_N,
+                                                                 temperature=self.temperature, vocab_size=self.vocab_size)
+                denominator = num_items_in_batch if num_items_in_batch is not None else max(1, tokens_N.numel())
+                if self.estimator == "sampled-token":
+                    student_logprobs_N = selected_token_logprobs(h_student_N, head_s, tokens_N,
+                                                                 temperature=self.temperature, vocab_size=self.vocab_size)
+                    loss, _ = sampled_token_reverse_kl_loss(
+                        student_logprobs_N.unsqueeze(0), teacher_logprobs_N.unsqueeze(0),
+                        torch.ones_like(student_logprobs_N, dtype=torch.bool).unsqueeze(0),
+                        num_items_in_batch=denominator,
+                    )
+                    per_token_kl_N = (student_logprobs_N - teacher_logprobs_N).detach()  # the estimator's own KL sample
+                    entropy_N = -student_logprobs_N.detach()
+                else:
+                    divergence_N, entropy_N = token_divergence(
+                        h_student_N, head_s, h_teacher_N, head_t, beta=self.beta,
+                        temperature=self.temperature, vocab_size=self.vocab_size,
+                    )
+                    loss = divergence_N.sum() / denominator
+                    per_token_kl_N = divergence_N.detach()
             self._log_mean("reverse_kl" if self.estimator == "sampled-token" or self.beta == 1.0 else "divergence",
                            per_token_kl_N)
             self._log_mean("teacher_nll", -teacher_logprobs_N)
@@ -170,7 +166,8 @@ def run(args: common.StageArgs) -> dict:
         from trl import DistillationTrainer  # imported late: a bad option fails seconds sooner
 
         teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
-        student = load_causal_lm(student_in.path, trust_remote_code=options.trust_remote_code)
+        student = load_causal_lm(student_in.path, dtype=options.train_dtype,
+                                 trust_remote_code=options.trust_remote_code)
         trainer = distillation_trainer(common.guarded(DistillationTrainer))(
             model=student, teacher_model=teacher, args=trl_config, train_dataset=Dataset.from_list(rows),
             processing_class=s_tok, vocab_size=vocab_size, estimator=options.estimator,

@@ -38,6 +38,10 @@ class EvalOptions:
     max_new_tokens: int = SAMPLING.max_new_tokens
     greedy: bool = False
     backend: str = "hf"
+    # vLLM's engine (backend "vllm"): TRL's names for the same settings in GRPO
+    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.9
+    vllm_max_model_length: int | None = None
     batch_size: int | None = None
     limit: int | None = None
     dtype: str = "auto"
@@ -74,7 +78,8 @@ def sample_and_score(model, tokenizer, records: list[dict], options: EvalOptions
     with Progress(transient=True) as progress:
         task = progress.add_task(label, total=len(prompts) * n)
         completions = generate(model, tokenizer, prompts, params, backend=options.backend,
-                               batch_size=options.batch_size, progress=lambda k: progress.advance(task, k))
+                               batch_size=options.batch_size, progress=lambda k: progress.advance(task, k),
+                               vllm=_vllm_settings(options))
     texts = [c.text for group in completions for c in group]
     golds = [r["answer"] for r in records for _ in range(n)]
     scores = score_completions(texts, golds)
@@ -88,6 +93,13 @@ def sample_and_score(model, tokenizer, records: list[dict], options: EvalOptions
             "completions": [c.text for c in group],
         })
     return rows
+
+
+def _vllm_settings(options: EvalOptions):
+    from sdd.generation import VllmSettings
+
+    return VllmSettings(options.vllm_tensor_parallel_size, options.vllm_gpu_memory_utilization,
+                        options.vllm_max_model_length)
 
 
 def summarize(per_seed: dict[int, list[dict]], samples: int) -> dict:
@@ -125,6 +137,7 @@ def run(args: common.StageArgs) -> dict:
         raise SddError(f"split must be one of {', '.join(common.DataOptions.SPLITS)}, not {options.split!r}")
     if options.backend not in ("hf", "vllm"):
         raise SddError(f"--backend must be hf or vllm, not {options.backend!r}")
+    _vllm_settings(options)  # a bad vLLM option fails here, before anything loads
     run_dir = RunDir(args.run)
     run_dir.create()
     checkpoint = common.resolve_checkpoint(run_dir, options.role, options.model)
@@ -149,11 +162,11 @@ def run(args: common.StageArgs) -> dict:
             with common.open_stage(args, name=name, stage="eval", role=options.role,
                                    config={"sdd": options}, inputs=inputs) as stage:
                 if model is None and options.backend == "hf":
-                    import torch
+                    from sdd.generation import Ranks
 
                     model = load_causal_lm(checkpoint.path, dtype=options.dtype,
                                            trust_remote_code=options.trust_remote_code)
-                    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+                    model.to(Ranks.current().device).eval()  # this process's device, cuda:<LOCAL_RANK> under a launcher
                 engine = model if options.backend == "hf" else checkpoint.path
                 provenance = {"model": stage.run.record(name).inputs["model"].fingerprint,
                               "options": common.cfg.to_jsonable(options)}

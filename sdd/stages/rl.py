@@ -86,42 +86,66 @@ GATE_CHUNK = 256  # prompts per generate call: a SIGTERM during the gate waits f
 
 
 def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_tokens: int, path: Path,
-               flag=None) -> tuple[list[dict], dict] | None:
+               flag=None, ranks=None) -> tuple[list[dict], dict] | None:
     """Keep prompts whose measured pass rate is strictly between 0 and 1; cached so a resume sees the same set.
+
+    Under a launcher the ranks split every chunk (rank r of P takes positions r, r + P, ...) and each
+    generates on its own device, the model gathered first if ZeRO-3 partitioned it at load; the pass
+    rates are exchanged after each chunk, so every rank keeps the same set, the set one process keeps
+    (a prompt's samples depend on its chunk and position, not on the rank that draws them). The cache
+    (`path`, gate.json) is keyed by the model's fingerprint, the prompts and the options: a rerun from
+    another checkpoint, even with --force, measures again.
 
     None when a signal (`flag`, a PreemptionFlag) stopped it between chunks: the stage then ends
     interrupted without training, and the rerun measures again.
     """
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("options") == [options.gate_samples, options.gate_temperature, max_new_tokens, len(rows)]:
-            keep = set(cached["kept_ids"])
-            return [r for r in rows if r["id"] in keep], cached["buckets"]
-    from sdd.generation import SamplingParams, generate
+    import hashlib
+
+    from sdd.generation import Ranks, SamplingParams, generate, ready_for_generation
+    from sdd.manifest import fingerprint
     from sdd.verify import score_completions
 
-    params = SamplingParams(n=options.gate_samples, temperature=options.gate_temperature, top_p=1.0, top_k=0,
+    ranks = ranks or Ranks.current()
+    source = str(model.name_or_path)
+    key = {
+        "model": fingerprint(source) if Path(source).exists() else f"hub:{source}",
+        "problems": hashlib.sha256(json.dumps([(r["id"], r["prompt"], r["answer"]) for r in rows]).encode()).hexdigest()[:16],
+        "options": [options.gate_samples, options.gate_temperature, max_new_tokens],
+    }
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            keep = set(cached["kept_ids"])
+            return [r for r in rows if r["id"] in keep], cached["buckets"]
+
+    n = options.gate_samples
+    params = SamplingParams(n=n, temperature=options.gate_temperature, top_p=1.0, top_k=0,
                             max_new_tokens=max_new_tokens, seed=0)
-    completions = []
-    for start in range(0, len(rows), GATE_CHUNK):
-        if flag is not None and common._any_rank(flag.requested is not None):
-            return None
-        chunk = [r["prompt"] for r in rows[start:start + GATE_CHUNK]]
-        completions += generate(model, tokenizer, chunk, dataclasses.replace(params, seed=start), backend="hf")
-    texts = [c.text for group in completions for c in group]
-    scores = score_completions(texts, [r["answer"] for r in rows for _ in range(options.gate_samples)])
+    rates: dict[int, float] = {}
+    with ready_for_generation(model, ranks.device):  # every rank enters: a ZeRO-3 gather is a collective
+        for start in range(0, len(rows), GATE_CHUNK):
+            if flag is not None and common._any_rank(flag.requested is not None):
+                return None
+            chunk = rows[start:start + GATE_CHUNK]
+            positions = ranks.share(len(chunk))
+            mine = [chunk[p] for p in positions]
+            groups = generate(model, tokenizer, [r["prompt"] for r in mine], dataclasses.replace(params, seed=start),
+                              backend="hf", prompt_indices=positions) if mine else []
+            texts = [c.text for group in groups for c in group]
+            scores = score_completions(texts, [r["answer"] for r in mine for _ in range(n)]) if texts else []
+            measured = {start + p: sum(scores[i * n:(i + 1) * n]) / n for i, p in enumerate(positions)}
+            for part in ranks.all_gather(measured):
+                rates.update(part)
     kept, buckets = [], {"never": 0, "sometimes": 0, "always": 0}
     for i, row in enumerate(rows):
-        rate = sum(scores[i * options.gate_samples:(i + 1) * options.gate_samples]) / options.gate_samples
+        rate = rates[i]
         bucket = "never" if rate == 0 else "always" if rate == 1 else "sometimes"
         buckets[bucket] += 1
         if bucket == "sometimes":
             kept.append(row)
     buckets["kept"] = len(kept)
-    atomic_write_text(path, json.dumps({
-        "options": [options.gate_samples, options.gate_temperature, max_new_tokens, len(rows)],
-        "buckets": buckets, "kept_ids": [r["id"] for r in kept],
-    }))
+    if ranks.index == 0:
+        atomic_write_text(path, json.dumps({"key": key, "buckets": buckets, "kept_ids": [r["id"] for r in kept]}))
     if not kept:
         raise SddError(f"the difficulty gate kept no prompts ({buckets}); train without --gate or on other data")
     return kept, buckets
@@ -174,7 +198,7 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
         from datasets import Dataset
         from trl import GRPOTrainer  # imported late: a bad option fails seconds sooner
 
-        model = load_causal_lm(start.path, trust_remote_code=options.trust_remote_code)
+        model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code)
         metrics: dict = {"skipped_unparsable_golds": skipped}
         if options.gate:
             gated = apply_gate(model, tokenizer, rows, options, trl_config.max_completion_length,

@@ -73,7 +73,7 @@ def run(args: common.StageArgs) -> dict:
         from datasets import Dataset
         from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
 
-        model = load_causal_lm(start.path, trust_remote_code=options.trust_remote_code)
+        model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code)
         trainer = common.guarded(SFTTrainer)(
             model=model, args=trl_config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
             callbacks=common.make_callbacks(stage.flag, stage.dir, name, ("loss", "mean_token_accuracy")),

@@ -16,6 +16,7 @@ matches, resumes it if it was cut short, and regenerates it when the teacher cha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -55,7 +56,16 @@ class WarmupOptions(common.DataOptions):
     objective: str = "forward-kl"
     kl_temperature: float = 1.0
     backend: str = "hf"
+    # vLLM's engine for teacher sampling (backend "vllm"); TRL's names for the same settings in GRPO
+    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.9
+    vllm_max_model_length: int | None = None
     dtype: str = "auto"
+
+    def vllm_settings(self):
+        from sdd.generation import VllmSettings
+
+        return VllmSettings(self.vllm_tensor_parallel_size, self.vllm_gpu_memory_utilization, self.vllm_max_model_length)
 
 
 DEFAULTS = {
@@ -74,63 +84,102 @@ def _model_identity(path: str) -> str:
 
 
 def teacher_samples(teacher, tokenizer, records: list[dict], options: WarmupOptions, path: Path,
-                    provenance: dict, flag) -> list[dict] | None:
-    """All teacher samples, reusing or resuming the stage's sample file; None if stopped by a signal.
+                    provenance: dict, flag, ranks=None) -> list[dict] | None:
+    """All teacher samples, reusing or resuming the sample file; None if stopped by a signal.
 
-    Written in chunks to a `.partial` file (one JSON line per prompt, flushed and fsynced) and
-    renamed when complete, so a kill loses at most the chunk in flight.
+    `teacher` is the loaded model for backend "hf" and the model's path for "vllm". Under a launcher
+    the ranks sample data-parallel: of each chunk of `sample_chunk` prompts, rank r of P takes the
+    positions r, r + P, ... and draws them with the chunk's seed and their index in the chunk, so the
+    union of the ranks' samples is what one process draws (the sampler is counter-based). Each rank
+    writes its share to its own shard file; rank 0 merges the shards in prompt order into `path`, the
+    same bytes a one-process run writes, and the other ranks read that. (With vLLM and a tensor-parallel
+    size t, each group of t ranks samples one share and its first rank writes it.)
+
+    Every shard file is written in chunks to a `.partial` file (one JSON line per prompt, flushed and
+    fsynced) and renamed when complete, so a kill loses at most the chunk in flight, and a rerun with
+    the same number of processes resumes each shard after its last whole chunk.
     """
-    from sdd.generation import SamplingParams, generate
-    from sdd.verify import score_completions
+    from sdd.generation import Ranks
 
+    ranks = ranks or Ranks()
     header = {"provenance": provenance}
     finished = _finished_samples(path, header)
     if finished is not None:
         return finished
-    if path.is_file():
+    if path.is_file() and ranks.index == 0:
         print(f"{path.name} was made from another teacher, data or sampling settings: sampling again")
-    partial = path.with_name(path.name + ".partial")
-    done: list[dict] = []
+    shard, shards, writer = (options.vllm_settings().groups(ranks) if options.backend == "vllm"
+                             else (ranks.index, ranks.count, True))
+    shard_header = header if shards == 1 else {**header, "shard": [shard, shards]}
+    rows = _sample_shard(teacher, tokenizer, records, options, _shard_path(path, shard, shards), shard_header,
+                         flag, shard, shards, writer, ranks)
+    if rows is None:
+        return None
+    if ranks.index != 0:  # another rank (rank 0) writes the sample file: read it when it is complete
+        return _wait_for_samples(path, provenance, flag)
+    if shards > 1:
+        rows = _merge_shards(path, header, records, options.sample_chunk, shards, flag)
+    if rows is not None:
+        for leftover in [path.with_name(path.name + ".partial"), *path.parent.glob(path.name + ".shard*")]:
+            leftover.unlink(missing_ok=True)  # shards merged, or left by a run with another number of processes
+    return rows
+
+
+def _shard_path(path: Path, shard: int, shards: int) -> Path:
+    return path if shards == 1 else path.with_name(f"{path.name}.shard{shard}-of-{shards}")
+
+
+def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header: dict, flag,
+                  shard: int, shards: int, writer: bool, ranks) -> list[dict] | None:
+    """This rank's share of every chunk, resumed from and appended to its shard's `.partial` file."""
+    from sdd.generation import SamplingParams, generate, ready_for_generation
+    from sdd.verify import score_completions
+
     chunk = options.sample_chunk
-    kept_bytes = 0
-    if partial.is_file():
-        lines = partial.read_bytes().splitlines(keepends=True)
-        if lines and lines[0].endswith(b"\n") and _header_matches(lines[0], header):
-            ends = [len(lines[0])]
-            for line in lines[1:]:
-                try:
-                    if not line.endswith(b"\n"):
-                        break  # the line being written when the job died
-                    done.append(json.loads(line))
-                except ValueError:
-                    break
-                ends.append(ends[-1] + len(line))
-            # Whole chunks only: each chunk's seed is tied to where it starts, so a resumed run samples
-            # exactly what an uninterrupted one would have.
-            del done[len(done) // chunk * chunk:]
-            kept_bytes = ends[len(done)]
-    if kept_bytes:  # cut the torn tail in place; rewriting the file would risk the chunks already sampled
-        os.truncate(partial, kept_bytes)
+    starts = range(0, len(records), chunk)
+    # rows of this shard in each chunk; resuming keeps whole chunks only, since each chunk's seed is tied to
+    # where it starts: a resumed run then samples exactly what an uninterrupted one would have
+    per_chunk = [len(range(shard, min(chunk, len(records) - start), shards)) for start in starts]
+    partial = shard_path.with_name(shard_path.name + ".partial")
+    done = _finished_samples(shard_path, header) if shards > 1 else None  # a shard finished by an earlier launch
+    resumed = done is None
+    if not resumed:
+        chunks_done = len(per_chunk)
     else:
-        atomic_write_text(partial, json.dumps(header) + "\n")
-    with open(partial, "a", encoding="utf-8") as handle:
-        params = SamplingParams(
-            n=options.samples_per_prompt, temperature=options.sample_temperature, top_p=options.sample_top_p,
-            top_k=options.sample_top_k, max_new_tokens=options.max_new_tokens, seed=options.sample_seed,
-        )
-        engine = teacher if options.backend == "hf" else options.teacher
-        for start in range(len(done), len(records), chunk):
+        done, has_header = _resumable_rows(partial, header)
+        chunks_done, whole = 0, 0
+        while chunks_done < len(per_chunk) and whole + per_chunk[chunks_done] <= len(done):
+            whole += per_chunk[chunks_done]
+            chunks_done += 1
+        del done[whole:]
+        if writer:
+            if has_header:  # cut the torn tail in place; rewriting the file would risk the chunks already sampled
+                os.truncate(partial, _byte_offset(partial, whole))
+            else:
+                atomic_write_text(partial, json.dumps(header) + "\n")
+    params = SamplingParams(
+        n=options.samples_per_prompt, temperature=options.sample_temperature, top_p=options.sample_top_p,
+        top_k=options.sample_top_k, max_new_tokens=options.max_new_tokens, seed=options.sample_seed,
+    )
+    # every rank enters (a ZeRO-3 gather is a collective), also one whose shard an earlier launch finished
+    ready = ready_for_generation(teacher, ranks.device) if options.backend == "hf" else contextlib.nullcontext()
+    appending = writer and chunks_done < len(per_chunk)
+    with ready, (open(partial, "a", encoding="utf-8") if appending else contextlib.nullcontext()) as handle:
+        for start in list(starts)[chunks_done:]:
             if flag.requested:
                 return None
             batch = records[start : start + chunk]
-            prompts = [data.render_prompt(tokenizer, r["problem"], options.chat_template_kwargs) for r in batch]
+            positions = range(shard, len(batch), shards)
+            mine = [batch[p] for p in positions]
+            prompts = [data.render_prompt(tokenizer, r["problem"], options.chat_template_kwargs) for r in mine]
             # Seeds per chunk keep a resumed run's samples identical to an uninterrupted one.
             chunk_params = dataclasses.replace(params, seed=params.seed * 1_000_003 + start)
-            groups = generate(engine, tokenizer, prompts, chunk_params, backend=options.backend,
-                              batch_size=options.sample_batch_size)
+            groups = generate(teacher, tokenizer, prompts, chunk_params, backend=options.backend,
+                              batch_size=options.sample_batch_size, prompt_indices=positions,
+                              vllm=options.vllm_settings()) if prompts else []
             texts = [c.text for group in groups for c in group]
-            scores = score_completions(texts, [r["answer"] for r in batch for _ in range(params.n)])
-            for i, (record, prompt, group) in enumerate(zip(batch, prompts, groups, strict=True)):
+            scores = score_completions(texts, [r["answer"] for r in mine for _ in range(params.n)]) if texts else []
+            for i, (record, prompt, group) in enumerate(zip(mine, prompts, groups, strict=True)):
                 row = {
                     "id": record["id"], "answer": record["answer"],
                     "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
@@ -138,13 +187,65 @@ def teacher_samples(teacher, tokenizer, records: list[dict], options: WarmupOpti
                     "correct": [bool(s) for s in scores[i * params.n : (i + 1) * params.n]],
                     "truncated": [c.finish_reason == "length" for c in group],
                 }
-                handle.write(json.dumps(row) + "\n")
+                if handle is not None:
+                    handle.write(json.dumps(row) + "\n")
                 done.append(row)
-            handle.flush()
-            os.fsync(handle.fileno())
-            print(f"teacher samples: {len(done)}/{len(records)} prompts", flush=True)
-    os.replace(partial, path)
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
+            if ranks.index == 0:
+                print(f"teacher samples: {start + len(batch)}/{len(records)} prompts", flush=True)
+    if writer and resumed:
+        os.replace(partial, shard_path)
     return done
+
+
+def _resumable_rows(partial: Path, header: dict) -> tuple[list[dict], bool]:
+    """The whole rows of a `.partial` file, and whether it was made with `header` (else it has none for us)."""
+    if not partial.is_file():
+        return [], False
+    lines = partial.read_bytes().splitlines(keepends=True)
+    if not (lines and lines[0].endswith(b"\n") and _header_matches(lines[0], header)):
+        return [], False
+    done = []
+    for line in lines[1:]:
+        if not line.endswith(b"\n"):
+            break  # the line being written when the job died
+        try:
+            done.append(json.loads(line))
+        except ValueError:
+            break
+    return done, True
+
+
+def _byte_offset(partial: Path, rows: int) -> int:
+    """Where row `rows` (0-based, after the header) starts in a `.partial` file."""
+    lines = partial.read_bytes().splitlines(keepends=True)
+    return sum(len(line) for line in lines[: rows + 1])
+
+
+def _merge_shards(path: Path, header: dict, records: list[dict], chunk: int, shards: int, flag) -> list[dict] | None:
+    """Rank 0: wait for every shard file, interleave them back into prompt order, write `path` atomically."""
+    parts: list = [None] * shards
+    while None in parts:
+        if flag.requested:
+            return None
+        for s in range(shards):
+            if parts[s] is None:
+                parts[s] = _finished_samples(_shard_path(path, s, shards), {**header, "shard": [s, shards]})
+        if None in parts:
+            time.sleep(1.0)
+    merged, cursors = [], [0] * shards
+    for start in range(0, len(records), chunk):
+        for position in range(min(chunk, len(records) - start)):
+            owner = position % shards
+            merged.append(parts[owner][cursors[owner]])
+            cursors[owner] += 1
+    if cursors != [len(part) for part in parts] or [r["id"] for r in merged] != [r["id"] for r in records]:
+        raise SddError(f"the shards of {path.name} do not add up to its {len(records)} prompts; delete "
+                       f"{path.name}.shard* and rerun")
+    atomic_write_text(path, json.dumps(header) + "\n" + "".join(json.dumps(row) + "\n" for row in merged))
+    return merged
 
 
 def _finished_samples(path: Path, header: dict) -> list[dict] | None:
@@ -164,36 +265,53 @@ def _header_matches(line: str, header: dict) -> bool:
         return False
 
 
-def cached_teacher_samples(teacher, tokenizer, records, options: WarmupOptions, stage, provenance: dict):
+def cached_teacher_samples(teacher, tokenizer, records, options: WarmupOptions, stage, provenance: dict, ranks=None):
     """Teacher samples from the stage folder, or from `sample_cache` where stages share them.
 
     Variants that warm up from the same teacher on the same data and seed (forward KL and its
     hard-label control) then sample once; a lock serialises two stages asking at the same time.
+    Rank 0 takes the lock and then names this launch in an `.owner` file; the other ranks join the
+    sampling once they see it (or use the finished file another stage wrote while they waited).
     """
-    from sdd.manifest import StageLock, is_main_process
+    import uuid
 
-    if options.sample_cache:
-        key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(options.sample_cache) / f"{key}.jsonl"
-    else:
-        path = stage.dir / SAMPLES_FILE
-    if not is_main_process():
-        return _wait_for_samples(path, provenance, stage.flag)
-    if not options.sample_cache:
-        return teacher_samples(teacher, tokenizer, records, options, path, provenance, stage.flag)
+    from sdd.generation import Ranks
+    from sdd.manifest import StageLock
+
+    ranks = ranks or Ranks()
+    if not options.sample_cache:  # the stage folder: rank 0's stage lock already keeps other jobs out
+        return teacher_samples(teacher, tokenizer, records, options, stage.dir / SAMPLES_FILE, provenance,
+                               stage.flag, ranks)
+    key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(options.sample_cache) / f"{key}.jsonl"
+    owner = path.with_suffix(".owner")
+    launch = ranks.all_gather(uuid.uuid4().hex if ranks.index == 0 else None)[0]  # one name for this launch
+    if ranks.index != 0:
+        header = {"provenance": provenance}
+        while not stage.flag.requested:
+            finished = _finished_samples(path, header)
+            if finished is not None:
+                return finished
+            with contextlib.suppress(OSError):
+                if owner.read_text() == launch:
+                    return teacher_samples(teacher, tokenizer, records, options, path, provenance, stage.flag, ranks)
+            time.sleep(1.0)
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = StageLock(path.with_suffix(".lock"))
     lock.acquire(wait_s=24 * 3600, stop=lambda: stage.flag.requested is not None)
     if not lock.held:  # stopped while another stage held the cache: nothing sampled, nothing lost
         return None
     try:
-        return teacher_samples(teacher, tokenizer, records, options, path, provenance, stage.flag)
+        atomic_write_text(owner, launch)
+        return teacher_samples(teacher, tokenizer, records, options, path, provenance, stage.flag, ranks)
     finally:
+        owner.unlink(missing_ok=True)
         lock.release()
 
 
 def _wait_for_samples(path: Path, provenance: dict, flag) -> list[dict] | None:
-    """Under a launcher only rank 0 samples and writes the file; the other ranks wait for it to be complete.
+    """A rank other than 0, its share sampled: wait for rank 0 to merge the shards into the complete file.
 
     No collective is used for the wait: sampling can outlast any collective timeout. A signal
     reaches every rank, so a waiting rank stops when rank 0 does.
@@ -228,6 +346,7 @@ def forward_kl_trainer(base_cls):
 
     from sdd.agreement import last_hidden_states
     from sdd.losses import divergence_loss
+    from sdd.models import head_for_loss
 
     class ForwardKLTrainer(base_cls):
         def __init__(self, *args, teacher_model, vocab_size: int, kl_temperature: float, **kwargs):
@@ -235,13 +354,7 @@ def forward_kl_trainer(base_cls):
             self.vocab_size = vocab_size
             self.kl_temperature = kl_temperature
             self._redirect = _ForwardRedirection()
-            if self.is_deepspeed_enabled:
-                from trl.models.utils import prepare_deepspeed
-
-                self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-            else:
-                self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-            self.teacher_model.eval()
+            self.teacher_model = common.prepare_teacher(self, teacher_model)
 
         def _kl(self, student, inputs, num_items_in_batch):
             ids, attention, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
@@ -250,16 +363,21 @@ def forward_kl_trainer(base_cls):
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             with torch.no_grad():
                 h_teacher_BTH = self._redirect(self.teacher_model, teacher, last_hidden_states, teacher, ids, attention)
-            return divergence_loss(
-                h_student_BTH, student.get_output_embeddings().weight,
-                h_teacher_BTH[:, :-1], teacher.get_output_embeddings().weight, scored_BT,
-                beta=0.0, temperature=self.kl_temperature, vocab_size=self.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-            )
+            with head_for_loss(student, trainable=True) as head_s, head_for_loss(teacher, trainable=False) as head_t:
+                return divergence_loss(
+                    h_student_BTH, head_s, h_teacher_BTH[:, :-1], head_t, scored_BT,
+                    beta=0.0, temperature=self.kl_temperature, vocab_size=self.vocab_size,
+                    num_items_in_batch=num_items_in_batch,
+                )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             student = self.accelerator.unwrap_model(model)
             loss, stats = self._redirect(model, student, self._kl, student, inputs, num_items_in_batch)
+            # As SFTTrainer.compute_loss does: `num_items_in_batch` counts every rank's tokens, and DDP (and
+            # DeepSpeed) average the P ranks' gradients, so each rank's sum/all-rank-count is scaled by P. Without
+            # it the gradient, the logged loss and the clip threshold were those of a loss P times smaller.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             mode = "train" if self.model.training else "eval"
             tokens, kl_sum, ent_sum = (self.accelerator.gather_for_metrics(stats[key].reshape(1)).sum()
                                        for key in ("num_tokens", "divergence_sum", "entropy_sum"))
@@ -276,12 +394,24 @@ def heldout_kl(student, teacher, rows: list[dict], vocab_size: int, pad_id: int,
     sequences = [Sequence(r["prompt_ids"], ids) for r in rows for ids in r["completion_ids"] if ids]
     if not sequences:
         return float("nan")
+    from sdd.models import whole_models
+
     was_training = student.training
     student.eval()
-    result = mean_divergence(student, teacher, sequences, beta=0.0, vocab_size=vocab_size, pad_id=pad_id,
-                             temperature=temperature)
+    with whole_models(student, teacher):  # ZeRO-3 / FSDP2 shards gathered: this forward runs outside the engine
+        result = mean_divergence(student, teacher, sequences, beta=0.0, vocab_size=vocab_size, pad_id=pad_id,
+                                 temperature=temperature)
     student.train(was_training)
     return result["divergence"]
+
+
+def _place(model, device: str):
+    """The model on this rank's device; a ZeRO-3 model is already there, as partitions the engine will own."""
+    from sdd.models import is_zero3_partitioned
+
+    if not any(is_zero3_partitioned(p) for p in model.parameters()):
+        model.to(device)
+    return model
 
 
 def configure(args: common.StageArgs):
@@ -297,6 +427,9 @@ def configure(args: common.StageArgs):
     if options.sample_chunk < 1:
         raise SddError(f"sample_chunk must be at least 1, not {options.sample_chunk}")
     trl_kwargs = {**trl_kwargs, "max_length": sequence_limit(options, trl_kwargs.get("max_length", _UNSET))}
+    if options.backend not in ("hf", "vllm"):
+        raise SddError(f"backend must be hf or vllm, not {options.backend!r}")
+    options.vllm_settings()  # a bad vLLM option fails here, before anything loads
     # The dataset is pre-tokenized (the teacher's exact tokens), so TRL cannot infer completion-only
     # training from prompt/completion columns: without this the loss would also fit the prompt tokens.
     trl_config = common.cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name),
@@ -324,6 +457,12 @@ def sequence_limit(options: WarmupOptions, max_length) -> int | None:
 
 def run(args: common.StageArgs) -> dict:
     name, options, trl_config = configure(args)
+    vllm_settings = options.vllm_settings()
+    from sdd.generation import Ranks, release_vllm
+
+    ranks = Ranks.current()  # the launcher's process group is up now (the TRL config started it)
+    if options.backend == "vllm":
+        vllm_settings.groups(ranks)  # tensor_parallel_size must divide the number of processes
     run_dir = RunDir(args.run)
     teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
     student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name)
@@ -347,13 +486,9 @@ def run(args: common.StageArgs) -> dict:
     resolved = {"sdd": options, "trl": trl_config.to_dict(), "shared_vocab_size": vocab_size}
     inputs = {"teacher": teacher_in, "student": student_in, "dataset": common.StageInput(source.describe())}
     with common.open_stage(args, name=name, stage="warmup", role="student", config=resolved, inputs=inputs) as stage:
-        import torch
         from datasets import Dataset
         from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
-        teacher.to(device).eval()
         provenance = {
             "teacher": _model_identity(teacher_in.path),
             "data": data.problems_fingerprint(records),
@@ -361,9 +496,19 @@ def run(args: common.StageArgs) -> dict:
                          options.sample_top_k, options.max_new_tokens, options.sample_seed,
                          options.chat_template_kwargs, options.sample_chunk],  # chunk: it sets the seeds
         }
-        rows = cached_teacher_samples(teacher, t_tok, records, options, stage, provenance)
+        # The HF teacher trains the student too, so with backend "hf" it is loaded once and samples first. With
+        # "vllm" no HF copy exists while vLLM's engine holds its GPU share, and the engine is released before
+        # the teacher and student load for training. Each rank works on its own device (`ranks.device`).
+        if options.backend == "hf":
+            teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
+            rows = cached_teacher_samples(teacher, t_tok, records, options, stage, provenance, ranks)
+        else:
+            rows = cached_teacher_samples(teacher_in.path, t_tok, records, options, stage, provenance, ranks)
+            release_vllm()
+            teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
         if rows is None:
             return {}
+        _place(teacher, ranks.device).eval()
         heldout, train_rows = rows[: options.heldout_prompts], rows[options.heldout_prompts :]
         sequences = training_sequences(train_rows, options.only_correct)
         if not sequences:
@@ -372,8 +517,8 @@ def run(args: common.StageArgs) -> dict:
         if trl_config.max_length is not None and longest > trl_config.max_length:
             raise SddError(f"a teacher sample is {longest} tokens, over max_length {trl_config.max_length}, and would be cut; "
                            f"raise max_prompt_length (prompts are longer than {options.max_prompt_length} tokens) or max_length")
-        student = load_causal_lm(student_in.path, trust_remote_code=options.trust_remote_code)
-        student.to(device)
+        student = _place(load_causal_lm(student_in.path, trust_remote_code=options.trust_remote_code,
+                                        dtype=options.train_dtype), ranks.device)
         pad_id = s_tok.pad_token_id
         metrics: dict = {
             "teacher_solve_rate": sum(c for r in rows for c in r["correct"]) / sum(len(r["correct"]) for r in rows),
