@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 from sdd import recipe as recipes
-from sdd.errors import SddError
+from sdd.errors import EXIT_INTERRUPTED, SddError
 from sdd.manifest import RunDir
 
 OK, SKIPPED, FAILED, INTERRUPTED = "ok", "skipped", "failed", "interrupted"
-EXIT_INTERRUPTED_CODE = 75  # sdd.stages.common.EXIT_INTERRUPTED, without importing torch-heavy modules here
 
 
 class JobsFailed(SddError):
@@ -107,7 +106,7 @@ def _worker_init(threads: int) -> None:
             time.sleep(2.0)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(600)
-        os._exit(EXIT_INTERRUPTED_CODE)
+        os._exit(EXIT_INTERRUPTED)
 
     threading.Thread(target=watch_parent, daemon=True).start()
 
@@ -122,7 +121,7 @@ def run_in_process(argv: list[str]) -> tuple[str, str]:
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:
-            return (INTERRUPTED, "interrupted") if code in (130, EXIT_INTERRUPTED_CODE) else (FAILED, f"exit {code}")
+            return (INTERRUPTED, "interrupted") if code in (130, EXIT_INTERRUPTED) else (FAILED, f"exit {code}")
     except StageSkipped as skip:
         return SKIPPED, str(skip)
     except Interrupted as err:
@@ -153,7 +152,7 @@ def run_subprocess(job: recipes.Job, launcher: list[str]) -> tuple[str, str]:
     # Launchers (accelerate, torchrun) exit 1 whatever their workers exited with: the manifest says
     # whether the stage stopped cleanly on a signal.
     stages = RunDir(job.run_dir).stages() if RunDir(job.run_dir).exists() else {}
-    if code == EXIT_INTERRUPTED_CODE or any(stages.get(n, {}).get("status") == "interrupted" for n in job.records):
+    if code == EXIT_INTERRUPTED or any(stages.get(n, {}).get("status") == "interrupted" for n in job.records):
         return INTERRUPTED, "interrupted"
     return FAILED, f"`{shlex.join(command)}` exited {code}"
 
