@@ -128,6 +128,18 @@ class Recipe:
         return self.custom_variants.get(name) or BUILTIN_VARIANTS[name]
 
 
+# The toy recipe ships inside the package (examples/recipes/toy.yaml links to it): its `stages:` are
+# the toy's sizes, the base of every `toy: true` recipe and what `sdd toy init` writes as config.yaml.
+TOY_RECIPE = Path(__file__).parent / "recipes" / "toy.yaml"
+
+
+def toy_stage_defaults() -> dict[str, dict[str, Any]]:
+    """The toy's stage settings, by recipe section, in the file's order (`stages:` of TOY_RECIPE)."""
+    import yaml
+
+    return yaml.safe_load(TOY_RECIPE.read_text())["stages"]
+
+
 def load(path: str | Path) -> Recipe:
     """Parse and validate; every problem is one line that names the key and what to write instead."""
     from sdd.config import load_yaml
@@ -268,10 +280,9 @@ class Planner:
         base: dict = {}
         sections = [kind] + ([name] if name and name != kind else [])
         if self.recipe.toy:
-            from sdd.stages.toy_init import TOY_CONFIG
-
+            toy_stages = toy_stage_defaults()
             for section in sections:
-                base.update(TOY_CONFIG.get(section, {}))
+                base.update(toy_stages.get(section) or {})
         for section in sections:
             base.update(self.recipe.stages.get(section) or {})
         base.update({k: v for k, v in extra.items() if v is not None})
