@@ -17,8 +17,8 @@ import yaml
 from sdd import toy
 from sdd.config import RUN_CONFIG_NAME
 from sdd.errors import SddError
+from sdd.experiment.recipe import toy_stage_defaults
 from sdd.manifest import RunDir, atomic_write_text
-from sdd.recipe import toy_stage_defaults
 
 
 def run(run_path: Path, *, seed: int = 0, force: bool = False, min_terms: int | None = None,

@@ -130,7 +130,7 @@ class Recipe:
 
 # The toy recipe ships inside the package (examples/recipes/toy.yaml links to it): its `stages:` are
 # the toy's sizes, the base of every `toy: true` recipe and what `sdd toy init` writes as config.yaml.
-TOY_RECIPE = Path(__file__).parent / "recipes" / "toy.yaml"
+TOY_RECIPE = Path(__file__).parent.parent / "recipes" / "toy.yaml"
 
 
 def toy_stage_defaults() -> dict[str, dict[str, Any]]:
