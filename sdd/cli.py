@@ -286,7 +286,7 @@ def toy_init(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps the exceptions a user should see to one line and an exit code."""
-    from sdd.errors import SddError
+    from sdd.errors import EXIT_INTERRUPTED, Interrupted, SddError, StageSkipped
 
     try:
         code = app(args=argv, standalone_mode=False)
@@ -302,8 +302,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - click usage errors, and sdd's own stage outcomes below
         import click
-
-        from sdd.stages.common import EXIT_INTERRUPTED, Interrupted, StageSkipped
 
         if isinstance(err, click.exceptions.Abort):
             sys.exit(130)

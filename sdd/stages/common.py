@@ -23,20 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sdd import config as cfg
-from sdd.errors import SddError
+from sdd.errors import EXIT_INTERRUPTED, Interrupted, SddError, StageSkipped  # noqa: F401 - re-exported for the stages
 from sdd.manifest import RunDir, fingerprint, is_main_process
-
-# Exit status of a stage stopped by SIGTERM/SIGINT after saving a checkpoint: EX_TEMPFAIL, "try
-# again". Slurm scripts requeue on it; rerunning the same command resumes.
-EXIT_INTERRUPTED = 75
-
-
-class Interrupted(Exception):
-    """The stage stopped on a signal at a safe point (a step or chunk boundary); what it finished is saved."""
-
-
-class StageSkipped(Exception):
-    """The stage is already done; rerun with --force to redo it."""
 
 
 @dataclasses.dataclass

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from sdd import stats
 from sdd.errors import SddError
+from sdd.experiment.recipe import BUILTIN_VARIANTS, COMPARISONS
 from sdd.manifest import MANIFEST_NAME, RunDir, atomic_write_text
-from sdd.recipe import BUILTIN_VARIANTS, COMPARISONS
 
 
 def eval_records(run_dir: Path) -> dict[str, dict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from sdd import data
 from sdd.errors import SddError
 from sdd.manifest import RunDir, atomic_write_text
+from sdd.rewards import get_reward_funcs
 from sdd.stages import common
 
 
@@ -32,6 +33,8 @@ class RlOptions(common.DataOptions):
     # 512 / 128 = 4): sets TRL's `steps_per_generation` to this many gradient-accumulation windows, so
     # the policy moves between the steps and the clipped ratio binds. 1 = on-policy (ratio always 1).
     updates_per_rollout: int = 4
+    # GRPO rewards by name from sdd/rewards.py (weights: TRL's own `reward_weights` field).
+    rewards: list[str] = dataclasses.field(default_factory=lambda: ["math_verify"])
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,19 +70,10 @@ HEADLINE = ("reward", "completions/clipped_ratio", "entropy")
 
 
 def reward_function():
-    """The verifier as a TRL reward, also logging how many prompt groups had any correct rollout."""
-    from sdd.verify import math_reward
+    """The default reward (math_verify); sdd/rewards.py holds the registry a recipe picks from."""
+    from sdd.rewards import math_verify_factory
 
-    def math_verify_reward(prompts, completions, answer, log_metric=None, **kwargs):
-        rewards = math_reward(prompts, completions, answer, **kwargs)
-        if log_metric is not None:
-            groups: dict[str, list[float]] = {}
-            for prompt, reward in zip(prompts, rewards, strict=True):
-                groups.setdefault(prompt if isinstance(prompt, str) else json.dumps(prompt), []).append(reward)
-            log_metric("solve_rate/any_in_group", sum(max(g) > 0 for g in groups.values()) / len(groups))
-        return rewards
-
-    return math_verify_reward
+    return math_verify_factory()
 
 
 GATE_CHUNK = 256  # prompts per generate call: a SIGTERM during the gate waits for one chunk, not the whole pass
@@ -183,6 +177,7 @@ def rollout_schedule(options: RlOptions, trl_kwargs: dict) -> dict:
 
 def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...]) -> dict:
     name, options, trl_config = configure(args, stage)
+    reward_funcs = get_reward_funcs(options.rewards)  # an unknown name fails before any work
     run_dir = RunDir(args.run)
     start = common.resolve_checkpoint(run_dir, role, options.model, exclude=name, prefer=prefer)
     source, records, skipped = options.problems(run_dir)
@@ -207,7 +202,7 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
                 return {}
             rows, metrics["gate"] = gated
         trainer = common.guarded(GRPOTrainer)(
-            model=model, reward_funcs=[reward_function()], args=trl_config,
+            model=model, reward_funcs=reward_funcs, args=trl_config,
             train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]),
             processing_class=tokenizer,
             callbacks=common.make_callbacks(handle.flag, handle.dir, name, HEADLINE),

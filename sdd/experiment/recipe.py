@@ -56,7 +56,34 @@ DEFAULT_VARIANTS = ["rl-teacher-bridge", "direct-grpo", "raw-teacher-bridge", "s
 TEACHERS = ("rl", "raw", "sft", "rl-half")
 SPLITS = ("train", "heldout", "train-a", "train-b")  # sdd.stages.common.DataOptions.SPLITS, without importing torch
 SPLIT_KEYS = ("seed", "fraction", "heldout_eval")
-STEP_KINDS = ("warmup", "warmup-sft", "distill", "student-rl")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepKind:
+    """A step a variant can take on the student: the stage it runs and what that stage reads.
+
+    A new step kind is one entry in `STEPS`; `Planner.plan_variant` loops over a variant's steps
+    and needs no branch for it.
+    """
+
+    name: str  # the step's name in recipes (variant `steps:`, `data:`) and its stage's name in the run dir
+    stage: str  # the stage command that runs it; its recipe options come from `stages.<stage>`
+    reads_teacher: bool = False  # --teacher and --student (warmup, distill), else --model
+    samples_teacher: bool = False  # shares the per-seed teacher-sample cache (the warmup family)
+    options: tuple[tuple[str, Any], ...] = ()  # fixed options, over the recipe's
+
+    def fixed_options(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+STEPS: dict[str, StepKind] = {step.name: step for step in (
+    StepKind("warmup", "warmup", reads_teacher=True, samples_teacher=True),
+    # Sequence-level KD: warmup's hard-label objective on the same teacher samples.
+    StepKind("warmup-sft", "warmup", reads_teacher=True, samples_teacher=True, options=(("objective", "sft"),)),
+    StepKind("distill", "distill", reads_teacher=True),
+    StepKind("student-rl", "student-rl"),
+)}
+STEP_KINDS = tuple(STEPS)
 
 # The comparisons the report computes paired bootstrap CIs for: (variant, reference).
 COMPARISONS = [
@@ -99,6 +126,18 @@ class Recipe:
 
     def variant(self, name: str) -> dict:
         return self.custom_variants.get(name) or BUILTIN_VARIANTS[name]
+
+
+# The toy recipe ships inside the package (examples/recipes/toy.yaml links to it): its `stages:` are
+# the toy's sizes, the base of every `toy: true` recipe and what `sdd toy init` writes as config.yaml.
+TOY_RECIPE = Path(__file__).parent.parent / "recipes" / "toy.yaml"
+
+
+def toy_stage_defaults() -> dict[str, dict[str, Any]]:
+    """The toy's stage settings, by recipe section, in the file's order (`stages:` of TOY_RECIPE)."""
+    import yaml
+
+    return yaml.safe_load(TOY_RECIPE.read_text())["stages"]
 
 
 def load(path: str | Path) -> Recipe:
@@ -241,10 +280,9 @@ class Planner:
         base: dict = {}
         sections = [kind] + ([name] if name and name != kind else [])
         if self.recipe.toy:
-            from sdd.stages.toy_init import TOY_CONFIG
-
+            toy_stages = toy_stage_defaults()
             for section in sections:
-                base.update(TOY_CONFIG.get(section, {}))
+                base.update(toy_stages.get(section) or {})
         for section in sections:
             base.update(self.recipe.stages.get(section) or {})
         base.update({k: v for k, v in extra.items() if v is not None})
@@ -330,22 +368,20 @@ class Planner:
         student, deps = student_start, list(deps_s)
         teacher_path, teacher_deps = teachers.get(teacher_kind, (None, []))
         # Stages shared between variants run in the first variant's dir; ids make them the same job.
-        for step in steps:
-            kind = "warmup" if step == "warmup-sft" else step
-            name = {"warmup-sft": "warmup-sft"}.get(step, kind)
-            extra = {"seed": seed}
-            if kind == "warmup":
+        for step_name in steps:
+            step = STEPS[step_name]
+            extra: dict[str, Any] = {"seed": seed}
+            if step.samples_teacher:
                 extra["sample_seed"] = seed
-                extra["sample_cache"] = str(self.root / "cache" / "teacher-samples")  # shared by warmup and warmup-sft
-            if step == "warmup-sft":
-                extra["objective"] = "sft"
-            extra.update(self.split_options((data or {}).get(step, "train")))
-            options = self.stage_options(kind, **extra)
-            args = ["--student" if kind in ("warmup", "distill") else "--model", student, *train]
-            if kind in ("warmup", "distill"):
+                extra["sample_cache"] = str(self.root / "cache" / "teacher-samples")  # shared by the warmup family
+            extra.update(step.fixed_options())
+            extra.update(self.split_options((data or {}).get(step.name, "train")))
+            options = self.stage_options(step.stage, **extra)
+            args = ["--student" if step.reads_teacher else "--model", student, *train]
+            if step.reads_teacher:
                 args = ["--teacher", teacher_path, *args]
-            job = self.add(run_dir=run_dir, stage=kind, name=name, args=args, options=options,
-                           after=sorted(set(deps + (teacher_deps if kind in ("warmup", "distill") else []))),
+            job = self.add(run_dir=run_dir, stage=step.stage, name=step.name, args=args, options=options,
+                           after=sorted(set(deps + (teacher_deps if step.reads_teacher else []))),
                            variant=variant, seed=seed)
             student, deps = self.final(job), [job.id]
         self.add_eval(run_dir, "eval", student, "student", deps, variant, seed)

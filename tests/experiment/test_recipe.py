@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdd import recipe as recipes
 from sdd.errors import SddError
+from sdd.experiment import recipe as recipes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOY = REPO / "examples" / "recipes" / "toy.yaml"
 
 
