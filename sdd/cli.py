@@ -52,6 +52,13 @@ def _stage_args(run: Path, name, config, sets, force, trust_changed, **cli):
                      sets=list(sets or []), force=force, trust_changed=trust_changed)
 
 
+def _print_config(stage: str, args, as_json: bool) -> None:
+    """`--print-config`: the stage's resolved options, printed instead of running it."""
+    from sdd.stages import resolved
+
+    resolved.show(stage, args, as_json=as_json)
+
+
 @app.command()
 def sft(
     run: Run,
@@ -68,10 +75,7 @@ def sft(
     args = _stage_args(run, name, config, set_, force, trust_changed, role=role, model=model, dataset=dataset,
                        data_dir=data_dir)
     if print_config:
-        from sdd.stages import resolved
-
-        resolved.show("sft", args, as_json=json_)
-        return
+        return _print_config("sft", args, json_)
     stage.run(args)
 
 
@@ -91,10 +95,7 @@ def teacher_rl(
     args = _stage_args(run, name, config, set_, force, trust_changed, model=model, dataset=dataset,
                        data_dir=data_dir, gate=gate)
     if print_config:
-        from sdd.stages import resolved
-
-        resolved.show("teacher-rl", args, as_json=json_)
-        return
+        return _print_config("teacher-rl", args, json_)
     stage.run(args)
 
 
@@ -114,10 +115,7 @@ def student_rl(
     args = _stage_args(run, name, config, set_, force, trust_changed, model=model, dataset=dataset,
                        data_dir=data_dir, gate=gate)
     if print_config:
-        from sdd.stages import resolved
-
-        resolved.show("student-rl", args, as_json=json_)
-        return
+        return _print_config("student-rl", args, json_)
     stage.run(args)
 
 
@@ -137,10 +135,7 @@ def warmup(
     args = _stage_args(run, name, config, set_, force, trust_changed, teacher=teacher, student=student,
                        dataset=dataset, data_dir=data_dir)
     if print_config:
-        from sdd.stages import resolved
-
-        resolved.show("warmup", args, as_json=json_)
-        return
+        return _print_config("warmup", args, json_)
     stage.run(args)
 
 
@@ -160,10 +155,7 @@ def distill(
     args = _stage_args(run, name, config, set_, force, trust_changed, teacher=teacher, student=student,
                        dataset=dataset, data_dir=data_dir)
     if print_config:
-        from sdd.stages import resolved
-
-        resolved.show("distill", args, as_json=json_)
-        return
+        return _print_config("distill", args, json_)
     stage.run(args)
 
 
@@ -195,10 +187,7 @@ def eval_(
         max_new_tokens=max_new_tokens, greedy=greedy, backend=backend, limit=limit,
     )
     if print_config:
-        from sdd.stages import resolved
-
-        resolved.show("eval", args, as_json=json_)
-        return
+        return _print_config("eval", args, json_)
     results = stage.run(args)
     from sdd.stages.status import print_eval
 
