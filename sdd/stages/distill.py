@@ -17,10 +17,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from sdd import config as cfg
 from sdd import data
 from sdd.errors import SddError
 from sdd.manifest import RunDir
 from sdd.stages import common
+from sdd.train.engines import prepare_teacher
+from sdd.train.lifecycle import finish, open_stage
 
 ESTIMATORS = ("full-vocab", "sampled-token")
 
@@ -66,7 +69,7 @@ def distillation_trainer(base_cls):
             super().__init__(*args, teacher_model=None, **kwargs)
             self.vocab_size = vocab_size
             self.estimator = estimator
-            self.teacher_model = common.prepare_teacher(self, teacher_model)
+            self.teacher_model = prepare_teacher(self, teacher_model)
 
         def _log_mean(self, name: str, values_N: torch.Tensor) -> None:
             mode = "train" if self.model.training else "eval"
@@ -135,7 +138,7 @@ def configure(args: common.StageArgs):
         raise SddError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {options.estimator!r}")
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
                   "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
-    trl_config = common.cfg.build_trl_config(DistillationConfig, trl_kwargs)
+    trl_config = cfg.build_trl_config(DistillationConfig, trl_kwargs)
     if options.estimator == "sampled-token" and trl_config.beta != 1.0:
         raise SddError("the sampled-token estimator is a reverse-KL estimator: leave beta at 1.0 with it")
     return name, options, trl_config
@@ -161,28 +164,31 @@ def run(args: common.StageArgs) -> dict:
     rows = [{"prompt": data.render_prompt(s_tok, r["problem"], options.chat_template_kwargs)} for r in records]
     resolved = {"sdd": options, "trl": trl_config.to_dict(), "shared_vocab_size": vocab_size}
     inputs = {"teacher": teacher_in, "student": student_in, "dataset": common.StageInput(source.describe())}
-    with common.open_stage(args, name=name, stage="distill", role="student", config=resolved, inputs=inputs) as stage:
+    with open_stage(args, name=name, stage="distill", role="student", config=resolved, inputs=inputs) as stage:
         from datasets import Dataset
         from trl import DistillationTrainer  # imported late: a bad option fails seconds sooner
+
+        from sdd.train.callbacks import make_callbacks, summarize_logs
+        from sdd.train.trainers import guarded, train
 
         teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
         student = load_causal_lm(student_in.path, dtype=options.train_dtype,
                                  trust_remote_code=options.trust_remote_code)
-        trainer = distillation_trainer(common.guarded(DistillationTrainer))(
+        trainer = distillation_trainer(guarded(DistillationTrainer))(
             model=student, teacher_model=teacher, args=trl_config, train_dataset=Dataset.from_list(rows),
             processing_class=s_tok, vocab_size=vocab_size, estimator=options.estimator,
-            callbacks=common.make_callbacks(stage.flag, stage.dir, name, HEADLINE),
+            callbacks=make_callbacks(stage.flag, stage.dir, name, HEADLINE),
         )
-        final = common.train(trainer, stage)
+        final = train(trainer, stage)
         if final is None:
             return {}
         history = trainer.state.log_history
-        metrics = common.summarize_logs(history, {
+        metrics = summarize_logs(history, {
             "reverse_kl": "reverse_kl", "divergence": "divergence", "teacher_nll": "teacher_nll",
             "entropy": "entropy", "truncation_rate": "truncated",
         })
         first = next((e for e in history if "reverse_kl" in e or "divergence" in e), {})
         metrics.update(reverse_kl_first=first.get("reverse_kl", first.get("divergence")),
                        steps=trainer.state.global_step, prompts=len(rows), skipped_unparsable_golds=skipped)
-        common.finish(stage, outputs=stage.output("student", final), metrics=metrics)
+        finish(stage, outputs=stage.output("student", final), metrics=metrics)
         return metrics

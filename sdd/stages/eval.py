@@ -15,11 +15,13 @@ from pathlib import Path
 
 from sdd import data, stats
 from sdd import samples as sample_files
-from sdd.errors import SddError
+from sdd.config import to_jsonable
+from sdd.errors import SddError, StageSkipped
 from sdd.manifest import RunDir, atomic_write_text
 from sdd.names import slug
 from sdd.samples import SAMPLING
 from sdd.stages import common
+from sdd.train.lifecycle import finish, open_stage
 
 
 @dataclasses.dataclass
@@ -159,8 +161,8 @@ def run(args: common.StageArgs) -> dict:
         name = f"{args.name or 'eval-' + source_name}-{slug(bench)}"
         inputs = {"model": checkpoint, "dataset": common.StageInput(source.describe())}
         try:
-            with common.open_stage(args, name=name, stage="eval", role=options.role,
-                                   config={"sdd": options}, inputs=inputs) as stage:
+            with open_stage(args, name=name, stage="eval", role=options.role,
+                            config={"sdd": options}, inputs=inputs) as stage:
                 if model is None and options.backend == "hf":
                     from sdd.generation import Ranks
 
@@ -169,7 +171,7 @@ def run(args: common.StageArgs) -> dict:
                     model.to(Ranks.current().device).eval()  # this process's device, cuda:<LOCAL_RANK> under a launcher
                 engine = model if options.backend == "hf" else checkpoint.path
                 provenance = {"model": stage.run.record(name).inputs["model"].fingerprint,
-                              "options": common.cfg.to_jsonable(options)}
+                              "options": to_jsonable(options)}
                 sampling = (engine, tokenizer, records, options)
                 per_seed = {}
                 for seed in range(options.seeds):
@@ -185,9 +187,9 @@ def run(args: common.StageArgs) -> dict:
                 metrics.update(benchmark=bench if options.split is None else f"{bench}:{options.split}", evaluates=checkpoint.from_stage or checkpoint.path,
                                skipped_unparsable_golds=skipped)
                 atomic_write_text(stage.dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-                common.finish(stage, metrics=metrics)
+                finish(stage, metrics=metrics)
                 results[bench] = metrics
-        except common.StageSkipped as skip:
+        except StageSkipped as skip:
             record = run_dir.record(name)
             results[bench] = record.metrics if record else {}
             print(skip)

@@ -24,10 +24,14 @@ import os
 import time
 from pathlib import Path
 
+from sdd import config as cfg
 from sdd import data
 from sdd.errors import SddError
 from sdd.manifest import RunDir, atomic_write_text, fingerprint
 from sdd.stages import common
+from sdd.train.checkpoints import resume_point
+from sdd.train.engines import prepare_teacher
+from sdd.train.lifecycle import finish, open_stage
 
 SAMPLES_FILE = "teacher-samples.jsonl"
 OBJECTIVES = ("forward-kl", "sft")
@@ -354,7 +358,7 @@ def forward_kl_trainer(base_cls):
             self.vocab_size = vocab_size
             self.kl_temperature = kl_temperature
             self._redirect = _ForwardRedirection()
-            self.teacher_model = common.prepare_teacher(self, teacher_model)
+            self.teacher_model = prepare_teacher(self, teacher_model)
 
         def _kl(self, student, inputs, num_items_in_batch):
             ids, attention, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
@@ -432,8 +436,8 @@ def configure(args: common.StageArgs):
     options.vllm_settings()  # a bad vLLM option fails here, before anything loads
     # The dataset is pre-tokenized (the teacher's exact tokens), so TRL cannot infer completion-only
     # training from prompt/completion columns: without this the loss would also fit the prompt tokens.
-    trl_config = common.cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name),
-                                                        "completion_only_loss": True})
+    trl_config = cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name),
+                                                 "completion_only_loss": True})
     return name, options, trl_config
 
 
@@ -485,9 +489,12 @@ def run(args: common.StageArgs) -> dict:
     )
     resolved = {"sdd": options, "trl": trl_config.to_dict(), "shared_vocab_size": vocab_size}
     inputs = {"teacher": teacher_in, "student": student_in, "dataset": common.StageInput(source.describe())}
-    with common.open_stage(args, name=name, stage="warmup", role="student", config=resolved, inputs=inputs) as stage:
+    with open_stage(args, name=name, stage="warmup", role="student", config=resolved, inputs=inputs) as stage:
         from datasets import Dataset
         from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
+
+        from sdd.train.callbacks import make_callbacks, summarize_logs
+        from sdd.train.trainers import guarded, train
 
         provenance = {
             "teacher": _model_identity(teacher_in.path),
@@ -525,27 +532,27 @@ def run(args: common.StageArgs) -> dict:
             "teacher_truncation_rate": sum(t for r in rows for t in r["truncated"]) / sum(len(r["truncated"]) for r in rows),
             "train_sequences": len(sequences), "heldout_prompts": len(heldout), "skipped_unparsable_golds": skipped,
         }
-        resume = common.resume_point(stage.dir)
+        resume = resume_point(stage.dir)
         before_path = stage.dir / "heldout-kl-before.json"  # measured once, before any update, kept across resumes
         if resume is None or not before_path.is_file():
             before = heldout_kl(student, teacher, heldout, vocab_size, pad_id, options.kl_temperature)
             atomic_write_text(before_path, json.dumps({"heldout_forward_kl_before": before}))
         metrics.update(json.loads(before_path.read_text()))
-        callbacks = common.make_callbacks(stage.flag, stage.dir, name, ("forward_kl", "loss"))
+        callbacks = make_callbacks(stage.flag, stage.dir, name, ("forward_kl", "loss"))
         common_kwargs = dict(model=student, args=trl_config, train_dataset=Dataset.from_list(sequences),
                              processing_class=s_tok, callbacks=callbacks)
         if options.objective == "sft":
-            trainer = common.guarded(SFTTrainer)(**common_kwargs)
+            trainer = guarded(SFTTrainer)(**common_kwargs)
         else:
-            trainer = forward_kl_trainer(common.guarded(SFTTrainer))(
+            trainer = forward_kl_trainer(guarded(SFTTrainer))(
                 **common_kwargs, teacher_model=teacher, vocab_size=vocab_size, kl_temperature=options.kl_temperature,
             )
-        final = common.train(trainer, stage, resume)
+        final = train(trainer, stage, resume)
         if final is None:
             return {}
         metrics["heldout_forward_kl_after"] = heldout_kl(student, teacher, heldout, vocab_size, pad_id,
                                                         options.kl_temperature)
-        metrics.update(common.summarize_logs(trainer.state.log_history, {"loss": "loss", "forward_kl": "forward_kl"}))
+        metrics.update(summarize_logs(trainer.state.log_history, {"loss": "loss", "forward_kl": "forward_kl"}))
         metrics["steps"] = trainer.state.global_step
-        common.finish(stage, outputs=stage.output("student", final), metrics=metrics)
+        finish(stage, outputs=stage.output("student", final), metrics=metrics)
         return metrics
