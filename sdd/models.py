@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from sdd.errors import SddError
 
@@ -161,6 +162,29 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher_config, stud
             f"lm_head sizes do not cover the tokenizer: teacher {t_rows}, student {s_rows} rows for {tokens} tokens"
         )
     return tokens
+
+
+class TokenizerPair(NamedTuple):
+    teacher: Any
+    student: Any
+    vocab_size: int  # the rows both heads are sliced to (shared_vocab_size)
+
+
+def load_pair(teacher: str, student: str, *, trust_remote_code: bool = False) -> TokenizerPair:
+    """Both tokenizers of a teacher/student pair and the vocabulary their heads share, checked before any weights load.
+
+    warmup and distill compare the two models token by token, so both start here: a pair that does not
+    share a tokenizer fails in seconds with one line, not after the teacher has sampled for an hour.
+    """
+    from transformers import AutoConfig
+
+    teacher_tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    student_tokenizer = load_tokenizer(student, trust_remote_code=trust_remote_code)
+    vocab_size = shared_vocab_size(
+        teacher_tokenizer, student_tokenizer, AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code),
+        AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code),
+    )
+    return TokenizerPair(teacher_tokenizer, student_tokenizer, vocab_size)
 
 
 # -- engines: what a loss may read from a model that DeepSpeed ZeRO-3 or FSDP2 holds in shards ------

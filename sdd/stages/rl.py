@@ -193,11 +193,11 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
     resolved = {"sdd": options, "trl": trl_config.to_dict()}
     inputs = {"model": start, "dataset": common.StageInput(source.describe())}
     with open_stage(args, name=name, stage=stage, role=role, config=resolved, inputs=inputs) as handle:
+        # imported late: a bad option fails seconds sooner
         from datasets import Dataset
-        from trl import GRPOTrainer  # imported late: a bad option fails seconds sooner
 
         from sdd.train.callbacks import make_callbacks, summarize_logs
-        from sdd.train.trainers import guarded, train
+        from sdd.train.trainers import GuardedGRPOTrainer, train
 
         model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code)
         metrics: dict = {"skipped_unparsable_golds": skipped}
@@ -207,7 +207,7 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
             if gated is None:
                 return {}
             rows, metrics["gate"] = gated
-        trainer = guarded(GRPOTrainer)(
+        trainer = GuardedGRPOTrainer(
             model=model, reward_funcs=reward_funcs, args=trl_config,
             train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]),
             processing_class=tokenizer,

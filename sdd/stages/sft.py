@@ -72,14 +72,14 @@ def run(args: common.StageArgs) -> dict:
     resolved = {"sdd": options, "trl": trl_config.to_dict()}
     inputs = {"model": start, "dataset": common.StageInput(source.describe())}
     with open_stage(args, name=name, stage="sft", role=options.role, config=resolved, inputs=inputs) as stage:
+        # imported late: a bad option fails seconds sooner
         from datasets import Dataset
-        from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
 
         from sdd.train.callbacks import make_callbacks, summarize_logs
-        from sdd.train.trainers import guarded, train
+        from sdd.train.trainers import GuardedSFTTrainer, train
 
         model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code)
-        trainer = guarded(SFTTrainer)(
+        trainer = GuardedSFTTrainer(
             model=model, args=trl_config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
             callbacks=make_callbacks(stage.flag, stage.dir, name, ("loss", "mean_token_accuracy")),
         )

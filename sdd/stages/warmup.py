@@ -30,7 +30,6 @@ from sdd.errors import SddError
 from sdd.manifest import RunDir, atomic_write_text, fingerprint
 from sdd.stages import common
 from sdd.train.checkpoints import resume_point
-from sdd.train.engines import prepare_teacher
 from sdd.train.lifecycle import finish, open_stage
 
 SAMPLES_FILE = "teacher-samples.jsonl"
@@ -343,55 +342,6 @@ def training_sequences(rows: list[dict], only_correct: bool) -> list[dict]:
     return out
 
 
-def forward_kl_trainer(base_cls):
-    """An SFTTrainer whose loss is forward KL to a frozen teacher instead of cross-entropy on tokens."""
-    import torch
-    from trl.models.utils import _ForwardRedirection
-
-    from sdd.agreement import last_hidden_states
-    from sdd.losses import divergence_loss
-    from sdd.models import head_for_loss
-
-    class ForwardKLTrainer(base_cls):
-        def __init__(self, *args, teacher_model, vocab_size: int, kl_temperature: float, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.vocab_size = vocab_size
-            self.kl_temperature = kl_temperature
-            self._redirect = _ForwardRedirection()
-            self.teacher_model = prepare_teacher(self, teacher_model)
-
-        def _kl(self, student, inputs, num_items_in_batch):
-            ids, attention, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-            scored_BT = labels[:, 1:] != -100  # position t is scored when it predicts a completion token t+1
-            h_student_BTH = last_hidden_states(student, ids, attention)[:, :-1]
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            with torch.no_grad():
-                h_teacher_BTH = self._redirect(self.teacher_model, teacher, last_hidden_states, teacher, ids, attention)
-            with head_for_loss(student, trainable=True) as head_s, head_for_loss(teacher, trainable=False) as head_t:
-                return divergence_loss(
-                    h_student_BTH, head_s, h_teacher_BTH[:, :-1], head_t, scored_BT,
-                    beta=0.0, temperature=self.kl_temperature, vocab_size=self.vocab_size,
-                    num_items_in_batch=num_items_in_batch,
-                )
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            student = self.accelerator.unwrap_model(model)
-            loss, stats = self._redirect(model, student, self._kl, student, inputs, num_items_in_batch)
-            # As SFTTrainer.compute_loss does: `num_items_in_batch` counts every rank's tokens, and DDP (and
-            # DeepSpeed) average the P ranks' gradients, so each rank's sum/all-rank-count is scaled by P. Without
-            # it the gradient, the logged loss and the clip threshold were those of a loss P times smaller.
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            mode = "train" if self.model.training else "eval"
-            tokens, kl_sum, ent_sum = (self.accelerator.gather_for_metrics(stats[key].reshape(1)).sum()
-                                       for key in ("num_tokens", "divergence_sum", "entropy_sum"))
-            self._metrics[mode]["forward_kl"].append((kl_sum / tokens.clamp(min=1)).item())
-            self._metrics[mode]["entropy"].append((ent_sum / tokens.clamp(min=1)).item())
-            return (loss, None) if return_outputs else loss
-
-    return ForwardKLTrainer
-
-
 def heldout_kl(student, teacher, rows: list[dict], vocab_size: int, pad_id: int, temperature: float) -> float:
     from sdd.agreement import Sequence, mean_divergence
 
@@ -477,24 +427,17 @@ def run(args: common.StageArgs) -> dict:
         raise SddError(f"{source.describe()} has {len(records)} usable problems; warmup holds out "
                        f"{options.heldout_prompts} and needs more (lower heldout_prompts or use more data)")
 
-    from transformers import AutoConfig
+    from sdd.models import load_causal_lm, load_pair
 
-    from sdd.models import load_causal_lm, load_tokenizer, shared_vocab_size
-
-    t_tok = load_tokenizer(teacher_in.path, trust_remote_code=options.trust_remote_code)
-    s_tok = load_tokenizer(student_in.path, trust_remote_code=options.trust_remote_code)
-    vocab_size = shared_vocab_size(
-        t_tok, s_tok, AutoConfig.from_pretrained(teacher_in.path, trust_remote_code=options.trust_remote_code),
-        AutoConfig.from_pretrained(student_in.path, trust_remote_code=options.trust_remote_code),
-    )
+    t_tok, s_tok, vocab_size = load_pair(teacher_in.path, student_in.path, trust_remote_code=options.trust_remote_code)
     resolved = {"sdd": options, "trl": trl_config.to_dict(), "shared_vocab_size": vocab_size}
     inputs = {"teacher": teacher_in, "student": student_in, "dataset": common.StageInput(source.describe())}
     with open_stage(args, name=name, stage="warmup", role="student", config=resolved, inputs=inputs) as stage:
+        # imported late: a bad option fails seconds sooner
         from datasets import Dataset
-        from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
 
         from sdd.train.callbacks import make_callbacks, summarize_logs
-        from sdd.train.trainers import guarded, train
+        from sdd.train.trainers import ForwardKLTrainer, GuardedSFTTrainer, train
 
         provenance = {
             "teacher": _model_identity(teacher_in.path),
@@ -542,9 +485,9 @@ def run(args: common.StageArgs) -> dict:
         common_kwargs = dict(model=student, args=trl_config, train_dataset=Dataset.from_list(sequences),
                              processing_class=s_tok, callbacks=callbacks)
         if options.objective == "sft":
-            trainer = guarded(SFTTrainer)(**common_kwargs)
+            trainer = GuardedSFTTrainer(**common_kwargs)
         else:
-            trainer = forward_kl_trainer(guarded(SFTTrainer))(
+            trainer = ForwardKLTrainer(
                 **common_kwargs, teacher_model=teacher, vocab_size=vocab_size, kl_temperature=options.kl_temperature,
             )
         final = train(trainer, stage, resume)

@@ -10,3 +10,29 @@
 The trainer classes import TRL, so they are loaded on first use: `from sdd.train import ForwardKLTrainer`
 works, while `import sdd.train.lifecycle` stays light.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> module under sdd.train that defines it
+_EXPORTS = {
+    "GuardedMixin": "trainers",
+    "GuardedSFTTrainer": "trainers",
+    "GuardedGRPOTrainer": "trainers",
+    "ForwardKLTrainer": "trainers",
+    "OnPolicyDistiller": "trainers",
+    "train": "trainers",
+    "make_callbacks": "callbacks",
+    "open_stage": "lifecycle",
+    "finish": "lifecycle",
+    "any_rank": "distributed",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
