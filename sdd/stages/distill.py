@@ -32,6 +32,9 @@ class DistillOptions(common.DataOptions):
     teacher: str | None = None
     student: str | None = None
     estimator: str = "full-vocab"
+    # Who computes the loss that trains: auto (TRL's kernel, sdd's torch path under ZeRO-3), trl or torch
+    # (the readable formula in sdd/losses.py); see that module's docstring for which runs where.
+    kl_impl: str = "auto"
     backend: str = "hf"
     dtype: str = "auto"
 
@@ -61,6 +64,7 @@ def configure(args: common.StageArgs):
     from trl import DistillationConfig
 
     from sdd.generation import trainer_generation_options
+    from sdd.losses import KL_IMPLS
 
     name = args.name or "distill"
     options, trl_kwargs = common.resolve_options(("distill", name), DistillOptions, DistillationConfig, args, {
@@ -68,6 +72,8 @@ def configure(args: common.StageArgs):
     })
     if options.estimator not in ESTIMATORS:
         raise SddError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {options.estimator!r}")
+    if options.kl_impl not in KL_IMPLS:
+        raise SddError(f"kl_impl must be one of {', '.join(KL_IMPLS)}, not {options.kl_impl!r}")
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
                   "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
     trl_config = cfg.build_trl_config(DistillationConfig, trl_kwargs)
@@ -101,7 +107,7 @@ def run(args: common.StageArgs) -> dict:
                                  trust_remote_code=options.trust_remote_code)
         trainer = OnPolicyDistiller(
             model=student, teacher_model=teacher, args=trl_config, train_dataset=Dataset.from_list(rows),
-            processing_class=s_tok, vocab_size=vocab_size, estimator=options.estimator,
+            processing_class=s_tok, vocab_size=vocab_size, estimator=options.estimator, kl_impl=options.kl_impl,
             callbacks=make_callbacks(stage.flag, stage.dir, name, HEADLINE),
         )
         final = train(trainer, stage)
@@ -114,6 +120,7 @@ def run(args: common.StageArgs) -> dict:
         })
         first = next((e for e in history if "reverse_kl" in e or "divergence" in e), {})
         metrics.update(reverse_kl_first=first.get("reverse_kl", first.get("divergence")),
-                       steps=trainer.state.global_step, prompts=len(rows), skipped_unparsable_golds=skipped)
+                       steps=trainer.state.global_step, prompts=len(rows), skipped_unparsable_golds=skipped,
+                       kl_impl=trainer.kl_impl_ran)
         finish(stage, outputs=stage.output("student", final), metrics=metrics)
         return metrics

@@ -58,6 +58,9 @@ class WarmupOptions(common.DataOptions):
     heldout_prompts: int = 32
     objective: str = "forward-kl"
     kl_temperature: float = 1.0
+    # Who computes the loss that trains: auto (TRL's kernel, sdd's torch path under ZeRO-3), trl or torch
+    # (the readable formula in sdd/losses.py); see that module's docstring for which runs where.
+    kl_impl: str = "auto"
     backend: str = "hf"
     # vLLM's engine for teacher sampling (backend "vllm"); TRL's names for the same settings in GRPO
     vllm_tensor_parallel_size: int = 1
@@ -372,12 +375,16 @@ def configure(args: common.StageArgs):
     """(stage name, sdd options, SFTConfig): every layer resolved, nothing loaded yet."""
     from trl import SFTConfig
 
+    from sdd.losses import KL_IMPLS
+
     name = args.name or "warmup"
     options, trl_kwargs = common.resolve_options(("warmup", name), WarmupOptions, SFTConfig, args, {
         **common.device_defaults(), **DEFAULTS,
     })
     if options.objective not in OBJECTIVES:
         raise SddError(f"objective must be one of {', '.join(OBJECTIVES)}, not {options.objective!r}")
+    if options.kl_impl not in KL_IMPLS:
+        raise SddError(f"kl_impl must be one of {', '.join(KL_IMPLS)}, not {options.kl_impl!r}")
     if options.sample_chunk < 1:
         raise SddError(f"sample_chunk must be at least 1, not {options.sample_chunk}")
     trl_kwargs = {**trl_kwargs, "max_length": sequence_limit(options, trl_kwargs.get("max_length", _UNSET))}
@@ -489,6 +496,7 @@ def run(args: common.StageArgs) -> dict:
         else:
             trainer = ForwardKLTrainer(
                 **common_kwargs, teacher_model=teacher, vocab_size=vocab_size, kl_temperature=options.kl_temperature,
+                kl_impl=options.kl_impl,
             )
         final = train(trainer, stage, resume)
         if final is None:
@@ -497,5 +505,7 @@ def run(args: common.StageArgs) -> dict:
                                                         options.kl_temperature)
         metrics.update(summarize_logs(trainer.state.log_history, {"loss": "loss", "forward_kl": "forward_kl"}))
         metrics["steps"] = trainer.state.global_step
+        if options.objective == "forward-kl":
+            metrics["kl_impl"] = trainer.kl_impl_ran
         finish(stage, outputs=stage.output("student", final), metrics=metrics)
         return metrics

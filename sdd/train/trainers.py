@@ -28,6 +28,7 @@ from trl.models.utils import _ForwardRedirection
 from sdd.agreement import last_hidden_states
 from sdd.losses import (
     divergence_loss,
+    resolve_impl,
     sampled_token_reverse_kl_loss,
     selected_token_logprobs,
     token_divergence,
@@ -119,10 +120,12 @@ class ForwardKLTrainer(GuardedMixin, SFTTrainer):
     `divergence_loss` with beta 0), both heads sliced to the shared vocabulary `vocab_size`.
     """
 
-    def __init__(self, *args, teacher_model, vocab_size: int, kl_temperature: float, **kwargs):
+    def __init__(self, *args, teacher_model, vocab_size: int, kl_temperature: float, kl_impl: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.vocab_size = vocab_size
         self.kl_temperature = kl_temperature
+        self.kl_impl = kl_impl  # checked by sdd.losses.resolve_impl
+        self.kl_impl_ran: str | None = None  # "trl" or "torch", once a loss was computed
         self._redirect = _ForwardRedirection()
         self.teacher_model = prepare_teacher(self, teacher_model)
 
@@ -134,10 +137,11 @@ class ForwardKLTrainer(GuardedMixin, SFTTrainer):
         with torch.no_grad():
             h_teacher_BTH = self._redirect(self.teacher_model, teacher, last_hidden_states, teacher, ids, attention)
         with head_for_loss(student, trainable=True) as head_s, head_for_loss(teacher, trainable=False) as head_t:
+            self.kl_impl_ran = resolve_impl(self.kl_impl, h_student_BTH, head_s)
             return divergence_loss(
                 h_student_BTH, head_s, h_teacher_BTH[:, :-1], head_t, scored_BT,
                 beta=0.0, temperature=self.kl_temperature, vocab_size=self.vocab_size,
-                num_items_in_batch=num_items_in_batch,
+                num_items_in_batch=num_items_in_batch, impl=self.kl_impl,
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -171,10 +175,12 @@ class OnPolicyDistiller(GuardedMixin, DistillationTrainer):
     signature or stops calling it.
     """
 
-    def __init__(self, *args, teacher_model, vocab_size: int, estimator: str, **kwargs):
+    def __init__(self, *args, teacher_model, vocab_size: int, estimator: str, kl_impl: str = "auto", **kwargs):
         super().__init__(*args, teacher_model=None, **kwargs)
         self.vocab_size = vocab_size
         self.estimator = estimator
+        self.kl_impl = kl_impl  # checked by sdd.losses.resolve_impl
+        self.kl_impl_ran: str | None = None  # "trl" or "torch", once a loss was computed
         self.teacher_model = prepare_teacher(self, teacher_model)
 
     def _log_mean(self, name: str, values_N: torch.Tensor) -> None:
@@ -198,13 +204,14 @@ class OnPolicyDistiller(GuardedMixin, DistillationTrainer):
         tokens_N = inputs["completion_ids"][mask_BC]
         with head_for_loss(unwrapped_student, trainable=True) as head_s, \
                 head_for_loss(teacher, trainable=False) as head_t:
+            self.kl_impl_ran = resolve_impl(self.kl_impl, h_student_N, head_s)
             with torch.no_grad():
-                teacher_logprobs_N = selected_token_logprobs(h_teacher_N, head_t, tokens_N,
-                                                             temperature=self.temperature, vocab_size=self.vocab_size)
+                teacher_logprobs_N = selected_token_logprobs(h_teacher_N, head_t, tokens_N, temperature=self.temperature,
+                                                             vocab_size=self.vocab_size, impl=self.kl_impl)
             denominator = num_items_in_batch if num_items_in_batch is not None else max(1, tokens_N.numel())
             if self.estimator == "sampled-token":
-                student_logprobs_N = selected_token_logprobs(h_student_N, head_s, tokens_N,
-                                                             temperature=self.temperature, vocab_size=self.vocab_size)
+                student_logprobs_N = selected_token_logprobs(h_student_N, head_s, tokens_N, temperature=self.temperature,
+                                                             vocab_size=self.vocab_size, impl=self.kl_impl)
                 loss, _ = sampled_token_reverse_kl_loss(
                     student_logprobs_N.unsqueeze(0), teacher_logprobs_N.unsqueeze(0),
                     torch.ones_like(student_logprobs_N, dtype=torch.bool).unsqueeze(0),
@@ -215,7 +222,7 @@ class OnPolicyDistiller(GuardedMixin, DistillationTrainer):
             else:
                 divergence_N, entropy_N = token_divergence(
                     h_student_N, head_s, h_teacher_N, head_t, beta=self.beta,
-                    temperature=self.temperature, vocab_size=self.vocab_size,
+                    temperature=self.temperature, vocab_size=self.vocab_size, impl=self.kl_impl,
                 )
                 loss = divergence_N.sum() / denominator
                 per_token_kl_N = divergence_N.detach()
