@@ -458,19 +458,6 @@ class RunDir:
                         return other.checkpoint(entry.from_stage, record, out_role)
         return None
 
-    def newest_output(self, role: str, exclude: str | None = None) -> tuple[str, dict] | None:
-        """The old interface: (stage name, output entry) of the newest finished checkpoint for a role.
-
-        New code calls `newest`, which also resolves the path and takes `prefer`.
-        """
-        best = None
-        for name, record in self.stages().items():
-            if name == exclude or record.get("status") != "done" or role not in record.get("outputs", {}):
-                continue
-            if best is None or record.get("done_seq", 0) > best[0]:
-                best = (record.get("done_seq", 0), name, record["outputs"][role])
-        return (best[1], best[2]) if best else None
-
     def resolve_path(self, stored: str, *, user_named: bool = False) -> Path:
         """A path recorded in the manifest, confined to this run dir.
 

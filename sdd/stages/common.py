@@ -8,14 +8,13 @@ is given lives here: `StageArgs` (the command line), `DataOptions` (every stage'
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
 
 from sdd import config as cfg
 from sdd.errors import SddError
-from sdd.manifest import RunDir, fingerprint
+from sdd.manifest import RecordedCheckpoint, RunDir, fingerprint, recorded_checkpoint
 
 
 @dataclasses.dataclass
@@ -137,63 +136,37 @@ class StageArgs:
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage section handed over by `sdd run`
 
 
-def recorded_checkpoint(path: Path) -> StageInput | None:
-    """A checkpoint named by path that some run dir above it recorded: keep its stage and fingerprint.
-
-    So a checkpoint passed explicitly (as `sdd run` does) is still checked for changes since it
-    was written, and records say which stage it came from.
-    """
-    if not path.exists():
-        return None
-    target = path.resolve()
-    for parent in list(target.parents)[:3]:
-        if not (parent / "manifest.json").is_file():
-            continue
-        run = RunDir(parent)
-        for name, record in run.stages().items():
-            if record.get("status") != "done":
-                continue
-            for entry in record.get("outputs", {}).values():
-                with contextlib.suppress(SddError):  # an entry pointing outside that run dir names nothing here
-                    if run.resolve_path(entry["path"]) == target:
-                        return StageInput(str(path), name, str(parent), entry.get("fingerprint"))
-    return None
-
-
 def resolve_checkpoint(run: RunDir, role: str, explicit: str | None, *, exclude: str | None = None,
                        prefer: tuple[str, ...] = ()) -> StageInput:
     """The model a stage starts from: an explicit path, hub id or run dir wins; else the newest for `role`.
 
     `prefer` lists stage names to take first when present (e.g. student-rl starts from distill,
-    else warmup, else the base student), since "newest" alone would pick whatever ran last.
+    else warmup, else the base student), since "newest" alone would pick whatever ran last. The
+    manifest is read by sdd.manifest (`RunDir.newest`, `recorded_checkpoint`); a checkpoint passed by
+    path that a run dir above it recorded keeps its stage and fingerprint, so it is still checked for
+    changes since it was written.
     """
     if explicit:
         other = Path(explicit)
-        if (other / "manifest.json").is_file():  # a run dir: its newest checkpoint for the role
-            found = RunDir(other).newest_output(role)
+        if RunDir(other).exists():  # a run dir: its newest checkpoint for the role
+            found = RunDir(other).newest(role)
             if not found:
                 raise SddError(f"run dir {explicit} has no finished {role} checkpoint")
-            recorded = _recorded_output(RunDir(other), *found)
-            return dataclasses.replace(recorded, run=str(other))
-        return recorded_checkpoint(other) or StageInput(explicit)
-    stages = run.stages()
-    for name in prefer:
-        record = stages.get(name)
-        if record and record.get("status") == "done" and role in record.get("outputs", {}):
-            return _recorded_output(run, name, record["outputs"][role])
-    found = run.newest_output(role, exclude=exclude)
+            return dataclasses.replace(_existing(found), run=str(other))
+        found = recorded_checkpoint(other)
+        return StageInput(str(other), found.stage, str(found.run), found.fingerprint) if found else StageInput(explicit)
+    found = run.newest(role, exclude=exclude, prefer=prefer)
     if not found:
         raise SddError(f"no {role} checkpoint in {run.path}: pass --model (a path or hub id), or run a stage that makes one")
-    return _recorded_output(run, *found)
+    return _existing(found)
 
 
-def _recorded_output(run: RunDir, stage: str, entry: dict) -> StageInput:
+def _existing(found: RecordedCheckpoint) -> StageInput:
     """A checkpoint the manifest names; one deleted behind its back is an error naming the stage that made it."""
-    path = run.resolve_path(entry["path"])
-    if not path.exists():
-        raise SddError(f"{path}, recorded as the output of stage '{stage}', is missing; rerun that stage "
+    if not found.path.exists():
+        raise SddError(f"{found.path}, recorded as the output of stage '{found.stage}', is missing; rerun that stage "
                        f"(with --force) or pass the model explicitly")
-    return StageInput(str(path), stage, None, entry.get("fingerprint"))
+    return StageInput(str(found.path), found.stage, None, found.fingerprint)
 
 
 def resolve_options(sections: tuple[str, ...], options_cls, trl_cls, args: StageArgs, defaults: dict[str, Any]):
