@@ -17,10 +17,12 @@ from pathlib import Path
 
 from sdd import config as cfg
 from sdd.errors import SddError
-from sdd.manifest import atomic_write_text
+from sdd.manifest import atomic_write_text, fingerprint, is_main_process
+from sdd.models import safetensors_problem
 from sdd.train.distributed import any_rank
 
 ORIGIN_FILE = "origin.json"
+COMPLETE_FILE = "sdd-complete.json"  # written last into a checkpoint by `seal`
 
 
 def check_resumable(stage_dir: Path, inputs: dict, config: dict) -> None:
@@ -51,29 +53,92 @@ def check_resumable(stage_dir: Path, inputs: dict, config: dict) -> None:
     atomic_write_text(path, json.dumps(origin, indent=2, default=str))
 
 
-def complete_checkpoints(stage_dir: Path) -> list[Path]:
-    """Checkpoints whose save finished, oldest first (Trainer writes trainer_state.json last)."""
+def seal(checkpoint: Path) -> None:
+    """Record, last, what a checkpoint holds: every file's size and content fingerprint, in `sdd-complete.json`.
+
+    The Trainer's own "done" mark, trainer_state.json, says the save ran to its end on the writer's side;
+    a network filesystem can still lose the tail of a weights file while that small file survives (a
+    node lost before its pages were written back). The record lets a resume check each file against what
+    was written. Sizes catch a file cut short; the fingerprint (sdd.manifest.fingerprint: all bytes up to
+    64 MB, 16 spaced 1 MB blocks above) catches most other damage at a bounded cost of at most 16 MB read
+    per file, at save and at resume alike. Called on the main process once every rank has written its part.
+    """
+    files = {}
+    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        rel = file.relative_to(checkpoint).as_posix()
+        if rel != COMPLETE_FILE and not file.name.startswith("."):
+            files[rel] = {"bytes": file.stat().st_size, "fingerprint": fingerprint(file)}
+    atomic_write_text(checkpoint / COMPLETE_FILE, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from ("model.safetensors 1234 of 5678 bytes"); None if it is whole.
+
+    A checkpoint with a `seal` record is checked file by file against it. One without (written before sdd
+    recorded them, or killed between the Trainer's last file and the record) is complete when its
+    trainer_state.json, which the Trainer writes last, reads, and its safetensors files are as long as
+    their headers say.
+    """
+    try:
+        record = json.loads((checkpoint / COMPLETE_FILE).read_text())
+    except FileNotFoundError:
+        record = None
+    except (OSError, ValueError) as err:
+        return f"{COMPLETE_FILE} unreadable: {err}"
+    if record is None:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return "no complete trainer_state.json"
+        return next(filter(None, map(safetensors_problem, sorted(checkpoint.glob("*.safetensors")))), None)
+    for rel, entry in record.get("files", {}).items():
+        file = checkpoint / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            return f"{rel} {size} of {entry.get('bytes')} bytes"
+        if fingerprint(file) != entry.get("fingerprint"):
+            return f"{rel} differs from what was written"
+    return None
+
+
+def _numbered_checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in stage_dir.glob("checkpoint-*"):
         suffix = path.name.removeprefix("checkpoint-")
-        if not suffix.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            json.loads((path / "trainer_state.json").read_text())
+        if suffix.isdigit():
             found.append((int(suffix), path))
-    return [p for _, p in sorted(found)]
+    return sorted(found)
+
+
+def complete_checkpoints(stage_dir: Path) -> list[Path]:
+    """Checkpoints whose save finished and whose files are still what was written, oldest first."""
+    return [path for _, path in _numbered_checkpoints(stage_dir) if checkpoint_problem(path) is None]
 
 
 def resume_point(stage_dir: Path) -> Path | None:
-    """The newest complete checkpoint; half-written ones after it (killed mid-save) are removed."""
-    complete = complete_checkpoints(stage_dir)
+    """The newest complete checkpoint; incomplete ones after it are removed.
+
+    One killed mid-save goes silently, as the Trainer never finished it. One the Trainer finished whose
+    files no longer match (torn) is reported in one line before it goes, since something outside the
+    run damaged it.
+    """
+    checkpoints = [(step, path, checkpoint_problem(path)) for step, path in _numbered_checkpoints(stage_dir)]
+    complete = [path for _, path, problem in checkpoints if problem is None]
     newest = complete[-1] if complete else None
     newest_step = int(newest.name.split("-")[1]) if newest else -1
-    for path in stage_dir.glob("checkpoint-*"):
-        suffix = path.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and int(suffix) > newest_step and path not in complete:
+    for step, path, problem in checkpoints:
+        if step > newest_step and problem is not None:
+            if _finished_by_trainer(path) and is_main_process():
+                then = f"resuming from {newest.name}" if newest else "starting from the beginning"
+                print(f"{path.name} is torn ({problem}); {then}", flush=True)
             shutil.rmtree(path, ignore_errors=True)
     return newest
+
+
+def _finished_by_trainer(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_FILE).is_file() or (checkpoint / "trainer_state.json").is_file()
 
 
 def save_final(trainer, out_dir: Path) -> Path:

@@ -35,7 +35,7 @@ from sdd.losses import (
 )
 from sdd.models import head_for_loss
 from sdd.train.callbacks import EngineCheck, quiet_trainer
-from sdd.train.checkpoints import CheckpointWriteFailed, io_failure, resume_point, save_final
+from sdd.train.checkpoints import CheckpointWriteFailed, io_failure, resume_point, save_final, seal
 from sdd.train.distributed import any_rank
 from sdd.train.engines import check_engine_requested, check_update_precision, prepare_teacher
 from sdd.train.lifecycle import NonFiniteLoss, Stage
@@ -94,7 +94,11 @@ class GuardedMixin:
     def _save_checkpoint(self, *args, **kwargs):
         target = Path(self._get_output_dir(trial=None)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         try:
-            return super()._save_checkpoint(*args, **kwargs)
+            result = super()._save_checkpoint(*args, **kwargs)
+            self.accelerator.wait_for_everyone()  # every rank's part (RNG states, ZeRO shards) is written
+            if self.args.should_save:
+                seal(target)  # last: a resume trusts the checkpoint only as this record describes it
+            return result
         except Exception as err:
             reason = io_failure(err, target)
             if reason is None:
@@ -250,6 +254,8 @@ def train(trainer, stage: Stage, resume: Path | None = None) -> Path | None:
     check_update_precision(trainer)
     trainer.add_callback(EngineCheck(trainer, stage))
     resume = resume or resume_point(stage.dir)
+    if resume and trainer.accelerator.is_main_process:
+        print(f"{stage.name}: resuming from {resume.name}", flush=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stopped_early(trainer, stage):
         return None
