@@ -20,11 +20,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 from sdd import data
+from sdd import samples as sample_files
 from sdd.errors import SddError
 from sdd.manifest import RunDir, atomic_write_text, fingerprint
 from sdd.stages import common
@@ -102,25 +102,23 @@ def teacher_samples(teacher, tokenizer, records: list[dict], options: WarmupOpti
     from sdd.generation import Ranks
 
     ranks = ranks or Ranks()
-    header = {"provenance": provenance}
-    finished = _finished_samples(path, header)
+    finished = sample_files.read(path, provenance)
     if finished is not None:
         return finished
     if path.is_file() and ranks.index == 0:
         print(f"{path.name} was made from another teacher, data or sampling settings: sampling again")
     shard, shards, writer = (options.vllm_settings().groups(ranks) if options.backend == "vllm"
                              else (ranks.index, ranks.count, True))
-    shard_header = header if shards == 1 else {**header, "shard": [shard, shards]}
-    rows = _sample_shard(teacher, tokenizer, records, options, _shard_path(path, shard, shards), shard_header,
+    rows = _sample_shard(teacher, tokenizer, records, options, _shard_path(path, shard, shards), provenance,
                          flag, shard, shards, writer, ranks)
     if rows is None:
         return None
     if ranks.index != 0:  # another rank (rank 0) writes the sample file: read it when it is complete
         return _wait_for_samples(path, provenance, flag)
     if shards > 1:
-        rows = _merge_shards(path, header, records, options.sample_chunk, shards, flag)
+        rows = _merge_shards(path, provenance, records, options.sample_chunk, shards, flag)
     if rows is not None:
-        for leftover in [path.with_name(path.name + ".partial"), *path.parent.glob(path.name + ".shard*")]:
+        for leftover in [sample_files.partial_path(path), *path.parent.glob(path.name + ".shard*")]:
             leftover.unlink(missing_ok=True)  # shards merged, or left by a run with another number of processes
     return rows
 
@@ -129,7 +127,12 @@ def _shard_path(path: Path, shard: int, shards: int) -> Path:
     return path if shards == 1 else path.with_name(f"{path.name}.shard{shard}-of-{shards}")
 
 
-def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header: dict, flag,
+def _shard_header(shard: int, shards: int) -> dict:
+    """What a shard file's header adds to the provenance: its place among the shards (none for one shard)."""
+    return {} if shards == 1 else {"shard": [shard, shards]}
+
+
+def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, provenance: dict, flag,
                   shard: int, shards: int, writer: bool, ranks) -> list[dict] | None:
     """This rank's share of every chunk, resumed from and appended to its shard's `.partial` file."""
     from sdd.generation import SamplingParams, generate, ready_for_generation
@@ -140,23 +143,19 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header
     # rows of this shard in each chunk; resuming keeps whole chunks only, since each chunk's seed is tied to
     # where it starts: a resumed run then samples exactly what an uninterrupted one would have
     per_chunk = [len(range(shard, min(chunk, len(records) - start), shards)) for start in starts]
-    partial = shard_path.with_name(shard_path.name + ".partial")
-    done = _finished_samples(shard_path, header) if shards > 1 else None  # a shard finished by an earlier launch
+    extra = _shard_header(shard, shards)
+    partial = sample_files.Partial(shard_path, provenance, **extra)
+    # a shard finished by an earlier launch
+    done = sample_files.read(shard_path, provenance, **extra) if shards > 1 else None
     resumed = done is None
     if not resumed:
         chunks_done = len(per_chunk)
     else:
-        done, has_header = _resumable_rows(partial, header)
+        done = partial.resume(whole=per_chunk, writer=writer)
         chunks_done, whole = 0, 0
         while chunks_done < len(per_chunk) and whole + per_chunk[chunks_done] <= len(done):
             whole += per_chunk[chunks_done]
             chunks_done += 1
-        del done[whole:]
-        if writer:
-            if has_header:  # cut the torn tail in place; rewriting the file would risk the chunks already sampled
-                os.truncate(partial, _byte_offset(partial, whole))
-            else:
-                atomic_write_text(partial, json.dumps(header) + "\n")
     params = SamplingParams(
         n=options.samples_per_prompt, temperature=options.sample_temperature, top_p=options.sample_top_p,
         top_k=options.sample_top_k, max_new_tokens=options.max_new_tokens, seed=options.sample_seed,
@@ -164,7 +163,7 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header
     # every rank enters (a ZeRO-3 gather is a collective), also one whose shard an earlier launch finished
     ready = ready_for_generation(teacher, ranks.device) if options.backend == "hf" else contextlib.nullcontext()
     appending = writer and chunks_done < len(per_chunk)
-    with ready, (open(partial, "a", encoding="utf-8") if appending else contextlib.nullcontext()) as handle:
+    with ready, (partial.append() if appending else contextlib.nullcontext()) as out:
         for start in list(starts)[chunks_done:]:
             if flag.requested:
                 return None
@@ -179,52 +178,24 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header
                               vllm=options.vllm_settings()) if prompts else []
             texts = [c.text for group in groups for c in group]
             scores = score_completions(texts, [r["answer"] for r in mine for _ in range(params.n)]) if texts else []
-            for i, (record, prompt, group) in enumerate(zip(mine, prompts, groups, strict=True)):
-                row = {
-                    "id": record["id"], "answer": record["answer"],
-                    "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                    "completion_ids": [c.token_ids for c in group],
-                    "correct": [bool(s) for s in scores[i * params.n : (i + 1) * params.n]],
-                    "truncated": [c.finish_reason == "length" for c in group],
-                }
-                if handle is not None:
-                    handle.write(json.dumps(row) + "\n")
-                done.append(row)
-            if handle is not None:
-                handle.flush()
-                os.fsync(handle.fileno())
+            rows = [{
+                "id": record["id"], "answer": record["answer"],
+                "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                "completion_ids": [c.token_ids for c in group],
+                "correct": [bool(s) for s in scores[i * params.n : (i + 1) * params.n]],
+                "truncated": [c.finish_reason == "length" for c in group],
+            } for i, (record, prompt, group) in enumerate(zip(mine, prompts, groups, strict=True))]
+            if out is not None:
+                out.write_rows(rows)
+            done.extend(rows)
             if ranks.index == 0:
                 print(f"teacher samples: {start + len(batch)}/{len(records)} prompts", flush=True)
     if writer and resumed:
-        os.replace(partial, shard_path)
+        partial.finish()
     return done
 
 
-def _resumable_rows(partial: Path, header: dict) -> tuple[list[dict], bool]:
-    """The whole rows of a `.partial` file, and whether it was made with `header` (else it has none for us)."""
-    if not partial.is_file():
-        return [], False
-    lines = partial.read_bytes().splitlines(keepends=True)
-    if not (lines and lines[0].endswith(b"\n") and _header_matches(lines[0], header)):
-        return [], False
-    done = []
-    for line in lines[1:]:
-        if not line.endswith(b"\n"):
-            break  # the line being written when the job died
-        try:
-            done.append(json.loads(line))
-        except ValueError:
-            break
-    return done, True
-
-
-def _byte_offset(partial: Path, rows: int) -> int:
-    """Where row `rows` (0-based, after the header) starts in a `.partial` file."""
-    lines = partial.read_bytes().splitlines(keepends=True)
-    return sum(len(line) for line in lines[: rows + 1])
-
-
-def _merge_shards(path: Path, header: dict, records: list[dict], chunk: int, shards: int, flag) -> list[dict] | None:
+def _merge_shards(path: Path, provenance: dict, records: list[dict], chunk: int, shards: int, flag) -> list[dict] | None:
     """Rank 0: wait for every shard file, interleave them back into prompt order, write `path` atomically."""
     parts: list = [None] * shards
     while None in parts:
@@ -232,7 +203,7 @@ def _merge_shards(path: Path, header: dict, records: list[dict], chunk: int, sha
             return None
         for s in range(shards):
             if parts[s] is None:
-                parts[s] = _finished_samples(_shard_path(path, s, shards), {**header, "shard": [s, shards]})
+                parts[s] = sample_files.read(_shard_path(path, s, shards), provenance, **_shard_header(s, shards))
         if None in parts:
             time.sleep(1.0)
     merged, cursors = [], [0] * shards
@@ -244,25 +215,8 @@ def _merge_shards(path: Path, header: dict, records: list[dict], chunk: int, sha
     if cursors != [len(part) for part in parts] or [r["id"] for r in merged] != [r["id"] for r in records]:
         raise SddError(f"the shards of {path.name} do not add up to its {len(records)} prompts; delete "
                        f"{path.name}.shard* and rerun")
-    atomic_write_text(path, json.dumps(header) + "\n" + "".join(json.dumps(row) + "\n" for row in merged))
+    sample_files.write(path, provenance, merged)
     return merged
-
-
-def _finished_samples(path: Path, header: dict) -> list[dict] | None:
-    """The rows of a complete sample file made with `header`; None if there is none (the file is renamed into place whole)."""
-    if not path.is_file():
-        return None
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if lines and _header_matches(lines[0], header):
-        return [json.loads(line) for line in lines[1:]]
-    return None
-
-
-def _header_matches(line: str, header: dict) -> bool:
-    try:
-        return json.loads(line) == header
-    except ValueError:  # torn by a kill mid-write
-        return False
 
 
 def cached_teacher_samples(teacher, tokenizer, records, options: WarmupOptions, stage, provenance: dict, ranks=None):
@@ -287,9 +241,8 @@ def cached_teacher_samples(teacher, tokenizer, records, options: WarmupOptions, 
     owner = path.with_suffix(".owner")
     launch = ranks.all_gather(uuid.uuid4().hex if ranks.index == 0 else None)[0]  # one name for this launch
     if ranks.index != 0:
-        header = {"provenance": provenance}
         while not stage.flag.requested:
-            finished = _finished_samples(path, header)
+            finished = sample_files.read(path, provenance)
             if finished is not None:
                 return finished
             with contextlib.suppress(OSError):
@@ -316,9 +269,8 @@ def _wait_for_samples(path: Path, provenance: dict, flag) -> list[dict] | None:
     No collective is used for the wait: sampling can outlast any collective timeout. A signal
     reaches every rank, so a waiting rank stops when rank 0 does.
     """
-    header = {"provenance": provenance}
     while not flag.requested:
-        finished = _finished_samples(path, header)
+        finished = sample_files.read(path, provenance)
         if finished is not None:
             return finished
         time.sleep(1.0)
