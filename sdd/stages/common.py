@@ -25,6 +25,7 @@ from typing import Any
 from sdd import config as cfg
 from sdd.errors import EXIT_INTERRUPTED, Interrupted, SddError, StageSkipped  # noqa: F401 - re-exported for the stages
 from sdd.manifest import RunDir, fingerprint, is_main_process
+from sdd.samples import SAMPLING
 
 
 @dataclasses.dataclass
@@ -65,7 +66,7 @@ class DataOptions:
     answer_column: str | None = None
     limit: int | None = None
     max_bad_answers: float = 0.05
-    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
+    chat_template_kwargs: dict = dataclasses.field(default_factory=SAMPLING.chat_template_kwargs)
     trust_remote_code: bool = False
     # The authors' data protocol: shuffle the whole dataset with `split_seed`, keep the first
     # `split_fraction` for training and the rest held out ("heldout"); "train-a" / "train-b" halve

@@ -27,6 +27,7 @@ from sdd import data
 from sdd import samples as sample_files
 from sdd.errors import SddError
 from sdd.manifest import RunDir, atomic_write_text, fingerprint
+from sdd.samples import SAMPLING
 from sdd.stages import common
 
 SAMPLES_FILE = "teacher-samples.jsonl"
@@ -39,9 +40,9 @@ class WarmupOptions(common.DataOptions):
     student: str | None = None
     prompts: int | None = None
     samples_per_prompt: int = 1
-    sample_temperature: float = 0.7
-    sample_top_p: float = 0.8
-    sample_top_k: int = 20
+    sample_temperature: float = SAMPLING.temperature
+    sample_top_p: float = SAMPLING.top_p
+    sample_top_k: int = SAMPLING.top_k
     max_new_tokens: int = 4096
     # Longest prompt in tokens (the authors' max_prompt_length): with max_new_tokens it sets TRL's
     # SFTConfig.max_length, so a teacher sample is never cut, unless a layer sets max_length itself.
