@@ -36,32 +36,47 @@ OBJECTIVES = ("forward-kl", "sft")
 
 @dataclasses.dataclass
 class WarmupOptions(common.DataOptions):
-    teacher: str | None = None
-    student: str | None = None
-    prompts: int | None = None
-    samples_per_prompt: int = 1
-    sample_temperature: float = SAMPLING.temperature
-    sample_top_p: float = SAMPLING.top_p
-    sample_top_k: int = SAMPLING.top_k
-    max_new_tokens: int = 4096
-    # Longest prompt in tokens (the authors' max_prompt_length): with max_new_tokens it sets TRL's
-    # SFTConfig.max_length, so a teacher sample is never cut, unless a layer sets max_length itself.
-    max_prompt_length: int = 2048
-    sample_seed: int = 0
-    sample_batch_size: int | None = None
-    # Prompts per flushed chunk of teacher samples: a kill loses at most one chunk, a SIGTERM waits for one.
-    sample_chunk: int = 256
-    sample_cache: str | None = None  # a folder shared between stages: same teacher + data + settings = same file
-    only_correct: bool = False
-    heldout_prompts: int = 32
-    objective: str = "forward-kl"
-    kl_temperature: float = 1.0
-    backend: str = "hf"
-    # vLLM's engine for teacher sampling (backend "vllm"); TRL's names for the same settings in GRPO
-    vllm_tensor_parallel_size: int = 1
-    vllm_gpu_memory_utilization: float = 0.9
-    vllm_max_model_length: int | None = None
-    dtype: str = "auto"
+    teacher: str | None = dataclasses.field(default=None, metadata={
+        "help": "Teacher path, hub id or run dir (default: newest teacher in the run)."})
+    student: str | None = dataclasses.field(default=None, metadata={
+        "help": "Student path, hub id or run dir (default: newest student in the run)."})
+    prompts: int | None = dataclasses.field(default=None, metadata={
+        "help": "Prompts the teacher samples for training (default: every problem); heldout_prompts more are "
+                "held out."})
+    samples_per_prompt: int = dataclasses.field(default=1, metadata={"help": "Teacher samples per prompt."})
+    sample_temperature: float = dataclasses.field(default=SAMPLING.temperature, metadata={"help": "Teacher sampling temperature."})
+    sample_top_p: float = dataclasses.field(default=SAMPLING.top_p, metadata={"help": "Teacher sampling top-p (1.0: off)."})
+    sample_top_k: int = dataclasses.field(default=SAMPLING.top_k, metadata={"help": "Teacher sampling top-k (0: off)."})
+    max_new_tokens: int = dataclasses.field(default=4096, metadata={"help": "Longest teacher sample, in tokens."})
+    max_prompt_length: int = dataclasses.field(default=2048, metadata={
+        "help": "Longest prompt in tokens (the authors' max_prompt_length): with max_new_tokens it sets TRL's "
+                "SFTConfig.max_length, so a teacher sample is never cut, unless a layer sets max_length itself."})
+    sample_seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the teacher's samples."})
+    sample_batch_size: int | None = dataclasses.field(default=None, metadata={
+        "help": "Sequences per generate call (default: the largest batch the free GPU memory holds, up to 256; 64 on CPU)."})
+    sample_chunk: int = dataclasses.field(default=256, metadata={
+        "help": "Prompts per flushed chunk of teacher samples: a kill loses at most one chunk, a SIGTERM waits "
+                "for one."})
+    sample_cache: str | None = dataclasses.field(default=None, metadata={
+        "help": "A folder of teacher samples shared between stages: same teacher, data and settings, same file."})
+    only_correct: bool = dataclasses.field(default=False, metadata={
+        "help": "Train only on the teacher samples the verifier accepts."})
+    heldout_prompts: int = dataclasses.field(default=32, metadata={
+        "help": "Prompts kept out of training, on which the forward KL to the teacher is measured before and "
+                "after."})
+    objective: str = dataclasses.field(default="forward-kl", metadata={
+        "help": "forward-kl (the teacher's whole next-token distribution) or sft (hard labels on the same "
+                "samples: the control)."})
+    kl_temperature: float = dataclasses.field(default=1.0, metadata={
+        "help": "Temperature of both models' distributions in the forward KL."})
+    backend: str = dataclasses.field(default="hf", metadata={"help": "Teacher sampling engine: hf (transformers) or vllm."})
+    vllm_tensor_parallel_size: int = dataclasses.field(default=1, metadata={
+        "help": "vLLM engine for teacher sampling (backend vllm): GPUs per engine (TRL's name in GRPO)."})
+    vllm_gpu_memory_utilization: float = dataclasses.field(default=0.9, metadata={
+        "help": "vLLM engine for teacher sampling: share of the GPU it takes (TRL's name in GRPO)."})
+    vllm_max_model_length: int | None = dataclasses.field(default=None, metadata={
+        "help": "vLLM engine for teacher sampling: longest prompt + completion (TRL's name in GRPO)."})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "dtype the teacher is loaded in (auto: the checkpoint's)."})
 
     def vllm_settings(self):
         from sdd.generation import VllmSettings
