@@ -8,15 +8,14 @@ by SIGTERM/SIGINT exits 75 after saving, so a Slurm script can requeue it.
 
 from __future__ import annotations
 
-import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from sdd import config as cfg
+from sdd.stages import quiet_libraries
 from sdd.stages.common import DataOptions, StageArgs
 from sdd.stages.distill import DistillOptions
 from sdd.stages.eval import EvalOptions
@@ -24,12 +23,7 @@ from sdd.stages.rl import RlOptions
 from sdd.stages.sft import SftOptions
 from sdd.stages.warmup import WarmupOptions
 
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-# Deprecation notices from inside transformers/TRL are theirs to fix and only bury sdd's own output.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|accelerate)\.")
+quiet_libraries()
 
 app = typer.Typer(
     help="sparse-to-dense: RL a teacher with a math verifier, then distil it into a student with dense token-level KL.",
@@ -274,6 +268,29 @@ def toy_init(
 
     stage.run(run, seed=seed, force=force, min_terms=min_terms, max_terms=max_terms, n_train=train, n_test=test,
               slip_rate=slip_rate)
+
+
+def parse_stage_args(argv: list[str]) -> tuple[str, StageArgs]:
+    """The stage and the StageArgs that `sdd <argv>` hands it, parsed by this CLI as `_stage` does; nothing runs."""
+    command = typer.main.get_command(app).commands[argv[0]]
+    with command.make_context(argv[0], list(argv[1:])) as ctx:
+        return command.name, stage_args(ctx.params)
+
+
+def run_in_process(argv: list[str]) -> tuple[str, str]:
+    """`sdd <argv>` inside this process, through this parser: (outcome, message) as `sdd run` reports a job's.
+
+    For tests and benchmarks that drive the real command line without starting a process per command.
+    """
+    from sdd.stages.run import outcome
+
+    def command():
+        try:
+            return app(args=list(argv), standalone_mode=False)
+        except typer.Exit as exit_:
+            return exit_.exit_code
+
+    return outcome(command)
 
 
 def _parser_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -115,3 +115,38 @@ def test_unknown_set_key_names_the_closest_fields(capsys, tmp_path):
     assert code == 2
     assert err.startswith("error: unknown option 'bta' in --set: not an sdd option nor a DistillationConfig field "
                           "(did you mean beta")
+
+
+def test_every_toy_job_hands_its_stage_what_its_command_line_means(tmp_path):
+    """`sdd run` calls a job's stage with StageArgs built from the job; `sdd <job.argv>` (a launcher, Slurm, a
+    user) parses into StageArgs. For every job of the toy plan (with a data_dir, so every flag occurs) the two
+    are equal, and toy init's command line means toy_init.run's defaults, which the in-process job uses."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from sdd.experiment import recipe as recipes
+    from sdd.stages import run, toy_init
+
+    toy = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples" / "recipes" / "toy.yaml").read_text())
+    toy["data_dir"] = "../shared/data/"
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy))
+    jobs, _ = recipes.plan(recipes.load(tmp_path / "toy.yaml"), tmp_path / "root", seeds=1)
+    kinds = set()
+    for job in jobs:
+        kinds.add(job.stage)
+        if job.stage == "toy-init":
+            command = typer.main.get_command(cli.app).commands["toy"].commands["init"]
+            with command.make_context("init", job.argv[2:]) as ctx:
+                parsed = ctx.params
+            defaults = {name: p.default for name, p in inspect.signature(toy_init.run).parameters.items()}
+            assert parsed["run"] == job.run_dir
+            assert parsed["seed"] == defaults["seed"] and parsed["force"] == defaults["force"]
+            assert all(parsed[k] is None for k in ("min_terms", "max_terms", "train", "test", "slip_rate"))
+            continue
+        stage, parsed = cli.parse_stage_args(job.argv)
+        assert stage == job.stage
+        assert parsed == run.stage_args(job), job.id
+        assert parsed.cli.get("data_dir") == "../shared/data/" and parsed.config_file
+    assert kinds == {"toy-init", "sft", "teacher-rl", "warmup", "distill", "student-rl", "eval"}
