@@ -65,7 +65,8 @@ EVAL = ["--benchmark", "toy-test", "--samples", "4", "--seeds", "1", "--limit", 
 
 # -- running stages ---------------------------------------------------------------------------------
 def in_process(*argv) -> None:
-    from sdd.stages.run import OK, SKIPPED, run_in_process
+    from sdd.cli import run_in_process
+    from sdd.experiment.execute import OK, SKIPPED
 
     outcome, message = run_in_process([str(a) for a in argv])
     assert outcome in (OK, SKIPPED), message

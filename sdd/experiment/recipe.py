@@ -212,13 +212,19 @@ def load(path: str | Path) -> Recipe:
 
 @dataclasses.dataclass
 class Job:
-    """One stage invocation: `sdd <argv>`, to run once `after` have finished."""
+    """One stage invocation, to run once `after` have finished: `sdd <argv>`, or in-process its stage function.
+
+    The stage's own command-line options (`flags`, e.g. model: path) and the options file (`config_file`)
+    are kept as they are, and the command line is derived from them, so an in-process runner can hand
+    the stage exactly what that command line means without parsing it.
+    """
 
     id: str
     run_dir: Path
     stage: str
     name: str
-    argv: list[str]
+    flags: dict[str, str]
+    config_file: str | None
     after: list[str]
     variant: str | None = None
     seed: int | None = None
@@ -227,6 +233,15 @@ class Job:
     @property
     def trains(self) -> bool:
         return self.stage not in ("eval", "toy-init")
+
+    @property
+    def argv(self) -> list[str]:
+        """The job as an `sdd` command line: what a launcher, a Slurm job or a user runs."""
+        if self.stage == "toy-init":
+            return ["toy", "init", str(self.run_dir)]
+        flags = [part for key, value in self.flags.items() for part in (f"--{key.replace('_', '-')}", value)]
+        options = ["--config", self.config_file] if self.config_file else []
+        return [self.stage, "--run", str(self.run_dir), "--name", self.name, *flags, *options]
 
 
 class Planner:
@@ -242,10 +257,10 @@ class Planner:
         self.config_dir = root / "plan"
         self.datasets = {k: str(Path(v).resolve()) for k, v in recipe.datasets.items()}
 
-    def _config_file(self, stage: str, options: dict) -> list[str]:
+    def _config_file(self, stage: str, options: dict) -> str | None:
         """Recipe options for a stage go to a YAML file the command names, so commands stay short."""
         if not options:
-            return []
+            return None
         import yaml
 
         digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -253,20 +268,20 @@ class Planner:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             path.write_text(yaml.safe_dump(options, sort_keys=True))
-        return ["--config", str(path)]
+        return str(path)
 
-    def add(self, *, run_dir: Path, stage: str, name: str, args: list[str], options: dict, after: list[str],
+    def add(self, *, run_dir: Path, stage: str, name: str, flags: dict[str, str], options: dict, after: list[str],
             variant: str | None = None, seed: int | None = None) -> Job:
-        key = json.dumps([stage, args, options, sorted(after)], sort_keys=True, default=str)
+        """A job running `stage` with its own command-line options `flags` and the recipe's `options` (a file)."""
+        key = json.dumps([stage, list(flags.items()), options, sorted(after)], sort_keys=True, default=str)
         if key in self.by_key:
             return self.jobs[self.by_key[key]]
         job_id = f"{run_dir.relative_to(self.root).as_posix()}:{name}"
         if job_id in self.jobs:
             raise SddError(f"the plan has two different '{name}' stages in {run_dir}; rename one variant's stage")
-        command = {"toy-init": ["toy", "init", str(run_dir)]}.get(stage, [stage, "--run", str(run_dir), "--name", name])
-        argv = [*command, *args, *self._config_file(stage, options)]
         records = [f"{name}-{slug(b)}" for b in options.get("benchmark", self.recipe.benchmarks)] if stage == "eval" else [name]
-        job = Job(job_id, run_dir, stage, name, argv, list(after), variant, seed, records)
+        job = Job(job_id, run_dir, stage, name, dict(flags), self._config_file(stage, options), list(after), variant,
+                  seed, records)
         self.jobs[job_id] = job
         self.by_key[key] = job_id
         return job
@@ -299,15 +314,15 @@ class Planner:
         """SFT data is held out like the RL data only when it is the same dataset (no sft_dataset)."""
         return "train" if not self.recipe.sft_dataset else None
 
-    def data_args(self) -> list[str]:
-        return ["--data-dir", self.recipe.data_dir] if self.recipe.data_dir else []
+    def data_flags(self) -> dict[str, str]:
+        return {"data_dir": self.recipe.data_dir} if self.recipe.data_dir else {}
 
     def plan(self) -> list[Job]:
         r = self.recipe
         after_init: list[str] = []
         teacher_base, student_base = r.teacher, r.student
         if r.toy:
-            init = self.add(run_dir=self.shared, stage="toy-init", name="toy-init", args=[], options={}, after=[])
+            init = self.add(run_dir=self.shared, stage="toy-init", name="toy-init", flags={}, options={}, after=[])
             after_init = [init.id]
             toy_data = self.shared / "toy" / "data"
             self.datasets = {"toy-train": str(toy_data / "train.jsonl"), "toy-test": str(toy_data / "test.jsonl"),
@@ -319,31 +334,31 @@ class Planner:
             sft_data = r.sft_dataset or r.train_dataset
             sft_t = self.add(run_dir=self.shared, stage="sft", name="sft-teacher",
                              options=self.stage_options("sft", "sft-teacher", **self.split_options(self.sft_split())),
-                             args=["--role", "teacher", "--model", teacher_base, "--dataset", sft_data, *self.data_args()],
+                             flags={"role": "teacher", "model": teacher_base, "dataset": sft_data, **self.data_flags()},
                              after=after_init)
             sft_s = self.add(run_dir=self.shared, stage="sft", name="sft-student",
                              options=self.stage_options("sft", "sft-student", **self.split_options(self.sft_split())),
-                             args=["--role", "student", "--model", student_base, "--dataset", sft_data, *self.data_args()],
+                             flags={"role": "student", "model": student_base, "dataset": sft_data, **self.data_flags()},
                              after=after_init)
             teacher_raw, student_start = self.final(sft_t), self.final(sft_s)
             deps_t, deps_s = [sft_t.id], [sft_s.id]
         teachers: dict[str, tuple[str, list[str]]] = {"raw": (teacher_raw, deps_t)}
-        train = ["--dataset", r.train_dataset, *self.data_args()]
+        train = {"dataset": r.train_dataset, **self.data_flags()}
         wanted = {r.variant(v).get("teacher") for v in r.variants}
         if "rl" in wanted:
-            rl = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl", args=["--model", teacher_raw, *train],
+            rl = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl", flags={"model": teacher_raw, **train},
                           options=self.stage_options("teacher-rl", **self.split_options("train")), after=deps_t)
             teachers["rl"] = (self.final(rl), [rl.id])
         if "rl-half" in wanted:
             half = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl-half",
-                            args=["--model", teacher_raw, *train], after=deps_t,
+                            flags={"model": teacher_raw, **train}, after=deps_t,
                             options=self.stage_options("teacher-rl", "teacher-rl-half", **self.split_options("train-a")))
             teachers["rl-half"] = (self.final(half), [half.id])
         if "sft" in wanted:
             sft_data = r.sft_dataset or r.train_dataset
             control_options = self.stage_options("sft", "teacher-sft", **self.split_options(self.sft_split()))
             control = self.add(run_dir=self.shared, stage="sft", name="teacher-sft", options=control_options,
-                               args=["--role", "teacher", "--model", teacher_raw, "--dataset", sft_data, *self.data_args()],
+                               flags={"role": "teacher", "model": teacher_raw, "dataset": sft_data, **self.data_flags()},
                                after=deps_t)
             teachers["sft"] = (self.final(control), [control.id])
         for which, (path, deps) in teachers.items():
@@ -377,21 +392,21 @@ class Planner:
             extra.update(step.fixed_options())
             extra.update(self.split_options((data or {}).get(step.name, "train")))
             options = self.stage_options(step.stage, **extra)
-            args = ["--student" if step.reads_teacher else "--model", student, *train]
-            if step.reads_teacher:
-                args = ["--teacher", teacher_path, *args]
-            job = self.add(run_dir=run_dir, stage=step.stage, name=step.name, args=args, options=options,
+            flags = {"teacher": teacher_path, "student": student} if step.reads_teacher else {"model": student}
+            job = self.add(run_dir=run_dir, stage=step.stage, name=step.name, flags={**flags, **train}, options=options,
                            after=sorted(set(deps + (teacher_deps if step.reads_teacher else []))),
                            variant=variant, seed=seed)
             student, deps = self.final(job), [job.id]
         self.add_eval(run_dir, "eval", student, "student", deps, variant, seed)
         self.add_heldout_eval(run_dir, "eval-heldout", student, "student", deps, variant, seed)
 
+    def eval_flags(self, model: str, role: str) -> dict[str, str]:
+        return {"model": model, "role": role, **self.data_flags()}
+
     def add_eval(self, run_dir: Path, name: str, model: str, role: str, deps: list[str], variant, seed) -> Job:
         options = {"seeds": 1, **self.stage_options("eval"), **self.recipe.eval, "benchmark": self.recipe.benchmarks}
-        args = ["--model", model, "--role", role, *self.data_args()]
-        return self.add(run_dir=run_dir, stage="eval", name=name, args=args, options=options, after=deps,
-                        variant=variant, seed=seed)
+        return self.add(run_dir=run_dir, stage="eval", name=name, flags=self.eval_flags(model, role), options=options,
+                        after=deps, variant=variant, seed=seed)
 
     def add_heldout_eval(self, run_dir: Path, name: str, model: str, role: str, deps: list[str], variant,
                          seed) -> Job | None:
@@ -401,9 +416,8 @@ class Planner:
         options = {"seeds": 1, **self.stage_options("eval"), **self.recipe.eval,
                    **(self.recipe.split.get("heldout_eval") or {}), "benchmark": [self.recipe.train_dataset],
                    **self.split_options("heldout")}
-        args = ["--model", model, "--role", role, *self.data_args()]
-        return self.add(run_dir=run_dir, stage="eval", name=name, args=args, options=options, after=deps,
-                        variant=variant, seed=seed)
+        return self.add(run_dir=run_dir, stage="eval", name=name, flags=self.eval_flags(model, role), options=options,
+                        after=deps, variant=variant, seed=seed)
 
     def ordered(self) -> list[Job]:
         """Topological order (Kahn), stable in planning order; a cycle or a missing job is an error."""

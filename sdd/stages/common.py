@@ -15,6 +15,7 @@ from typing import Any
 from sdd import config as cfg
 from sdd.errors import SddError
 from sdd.manifest import RecordedCheckpoint, RunDir, fingerprint, recorded_checkpoint
+from sdd.samples import SAMPLING
 
 
 @dataclasses.dataclass
@@ -49,22 +50,33 @@ class StageInput:
 class DataOptions:
     """Where a training stage's problems come from and how its prompts are rendered; every stage has these."""
 
-    dataset: str = "math-train"
-    data_dir: str | None = None
-    problem_column: str | None = None
-    answer_column: str | None = None
-    limit: int | None = None
-    max_bad_answers: float = 0.05
-    chat_template_kwargs: dict = dataclasses.field(default_factory=lambda: {"enable_thinking": False})
-    trust_remote_code: bool = False
-    # The authors' data protocol: shuffle the whole dataset with `split_seed`, keep the first
-    # `split_fraction` for training and the rest held out ("heldout"); "train-a" / "train-b" halve
-    # the training part (the teacher's labels, and the labels only post-bridge student RL sees).
-    # None uses every record. Splitting happens before unverifiable golds are dropped, so the split
-    # is the same whichever verifier version reads it.
-    split: str | None = None
-    split_seed: int = 42
-    split_fraction: float = 0.8
+    dataset: str = dataclasses.field(default="math-train", metadata={
+        "help": "Training data: benchmark name, local jsonl/json/parquet, or hub id."})
+    data_dir: str | None = dataclasses.field(default=None, metadata={
+        "help": "Folder with local benchmark files (e.g. ../shared/data)."})
+    problem_column: str | None = dataclasses.field(default=None, metadata={
+        "help": "Column holding the problem text (default: the benchmark's own, else `problem`)."})
+    answer_column: str | None = dataclasses.field(default=None, metadata={
+        "help": "Column holding the gold answer (default: the benchmark's own, else `answer`)."})
+    limit: int | None = dataclasses.field(default=None, metadata={"help": "Only the first N problems."})
+    max_bad_answers: float = dataclasses.field(default=0.05, metadata={
+        "help": "Largest share of records whose gold answer cannot be parsed that is skipped with a warning; "
+                "more stops the run (the wrong column or format, most likely)."})
+    chat_template_kwargs: dict = dataclasses.field(default_factory=SAMPLING.chat_template_kwargs, metadata={
+        "help": "Keyword arguments of the tokenizer's chat template when prompts are rendered "
+                "(Qwen3: enable_thinking)."})
+    trust_remote_code: bool = dataclasses.field(default=False, metadata={
+        "help": "Let transformers run code that ships with the model or tokenizer."})
+    # Splitting happens before unverifiable golds are dropped, so the split is the same whichever
+    # verifier version reads it.
+    split: str | None = dataclasses.field(default=None, metadata={
+        "help": "The authors' data protocol: shuffle the whole dataset with split_seed, keep the first "
+                "split_fraction for training (train) and the rest held out (heldout); train-a / train-b halve "
+                "the training part (the teacher's labels, and the labels only post-bridge student RL sees). "
+                "None uses every record."})
+    split_seed: int = dataclasses.field(default=42, metadata={"help": "Seed of the shuffle that defines split."})
+    split_fraction: float = dataclasses.field(default=0.8, metadata={
+        "help": "Share of the shuffled dataset that is train; the rest is heldout."})
 
     SPLITS = ("train", "heldout", "train-a", "train-b")
 
@@ -94,8 +106,9 @@ class DataOptions:
         part = {"train": order[:cut], "heldout": order[cut:], "train-a": order[: cut // 2],
                 "train-b": order[cut // 2 : cut]}[split]
         return [records[i] for i in part]
-    # dtype of the trained model's weights (the optimizer's master copy); compute is bf16 where `bf16: true`.
-    train_dtype: str = "float32"
+    train_dtype: str = dataclasses.field(default="float32", metadata={
+        "help": "dtype of the trained model's weights (the optimizer's master copy); compute is bf16 where "
+                "`bf16: true`."})
 
     def problems(self, run: RunDir):
         """(source, records, skipped): this split of the dataset, unverifiable gold answers dropped."""

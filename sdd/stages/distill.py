@@ -29,14 +29,18 @@ ESTIMATORS = ("full-vocab", "sampled-token")
 
 @dataclasses.dataclass
 class DistillOptions(common.DataOptions):
-    teacher: str | None = None
-    student: str | None = None
-    estimator: str = "full-vocab"
-    # Who computes the loss that trains: auto (TRL's kernel, sdd's torch path under ZeRO-3), trl or torch
-    # (the readable formula in sdd/losses.py); see that module's docstring for which runs where.
-    kl_impl: str = "auto"
-    backend: str = "hf"
-    dtype: str = "auto"
+    teacher: str | None = dataclasses.field(default=None, metadata={
+        "help": "Teacher path, hub id or run dir (default: newest teacher in the run)."})
+    student: str | None = dataclasses.field(default=None, metadata={
+        "help": "Student path, hub id or run dir (default: warmup, else newest student)."})
+    estimator: str = dataclasses.field(default="full-vocab", metadata={
+        "help": "full-vocab (the analytic reverse KL over the shared vocabulary) or sampled-token (its "
+                "estimate from the sampled token alone)."})
+    kl_impl: str = dataclasses.field(default="auto", metadata={
+        "help": "Who computes the loss that trains: auto (TRL's kernel; sdd's torch formula under ZeRO-3), trl, "
+                "or torch (the readable formula in sdd/losses.py, whose docstring says which runs where)."})
+    backend: str = dataclasses.field(default="hf", metadata={"help": "The student's rollout engine: hf (transformers) or vllm."})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "dtype the teacher is loaded in (auto: the checkpoint's)."})
 
 
 # The authors' recipe (scripts/opd/train_opd.sh; docs/recipe.md has the sources): reverse KL on one

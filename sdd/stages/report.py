@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdd import stats
+from sdd import samples, stats
 from sdd.errors import SddError
 from sdd.experiment.recipe import BUILTIN_VARIANTS, COMPARISONS
 from sdd.manifest import MANIFEST_NAME, RunDir, atomic_write_text
@@ -49,8 +49,7 @@ def eval_rows(entry: dict) -> list[dict]:
         if not path.is_file():
             raise SddError(f"{path} is missing but its eval recorded {seeds} seeds; rerun that eval (it resumes) "
                            "or restore the file")
-        for line in path.read_text(encoding="utf-8").splitlines()[1:]:
-            row = json.loads(line)
+        for row in samples.rows(path):
             pooled.setdefault(row["id"], []).extend(row["correct"])
     entry["rows"] = [{"id": problem_id, "correct": correct} for problem_id, correct in pooled.items()]
     return entry["rows"]

@@ -27,17 +27,21 @@ from sdd.train.lifecycle import finish, open_stage
 
 @dataclasses.dataclass
 class RlOptions(common.DataOptions):
-    model: str | None = None
-    gate: bool = False
-    gate_samples: int = 8
-    gate_temperature: float = 1.0
-    backend: str = "hf"
-    # Optimizer steps taken on each rollout batch (the authors' train_batch_size / ppo_mini_batch_size,
-    # 512 / 128 = 4): sets TRL's `steps_per_generation` to this many gradient-accumulation windows, so
-    # the policy moves between the steps and the clipped ratio binds. 1 = on-policy (ratio always 1).
-    updates_per_rollout: int = 4
-    # GRPO rewards by name from sdd/rewards.py (weights: TRL's own `reward_weights` field).
-    rewards: list[str] = dataclasses.field(default_factory=lambda: ["math_verify"])
+    model: str | None = dataclasses.field(default=None, metadata={
+        "help": "Model to train: a path, hub id or run dir (default: for teacher-rl, the newest teacher checkpoint "
+                "in the run; for student-rl, distill, else warmup, else the base student)."})
+    gate: bool = dataclasses.field(default=False, metadata={
+        "help": "Drop prompts the policy always or never solves before training."})
+    gate_samples: int = dataclasses.field(default=8, metadata={"help": "Samples per prompt that measure the gate's pass rates."})
+    gate_temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature of the gate's samples."})
+    backend: str = dataclasses.field(default="hf", metadata={"help": "Rollout engine: hf (transformers) or vllm."})
+    # The authors' train_batch_size / ppo_mini_batch_size, 512 / 128 = 4.
+    updates_per_rollout: int = dataclasses.field(default=4, metadata={
+        "help": "Optimizer steps taken on each rollout batch: sets TRL's steps_per_generation to this many "
+                "gradient-accumulation windows, so the policy moves between the steps and the clipped ratio "
+                "binds. 1 = on-policy (ratio always 1)."})
+    rewards: list[str] = dataclasses.field(default_factory=lambda: ["math_verify"], metadata={
+        "help": "GRPO rewards by name from sdd/rewards.py (weights: TRL's own reward_weights field)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

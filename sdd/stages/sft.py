@@ -23,8 +23,10 @@ ROLES = ("teacher", "student")
 
 @dataclasses.dataclass
 class SftOptions(common.DataOptions):
-    role: str = "teacher"
-    model: str | None = None
+    role: str = dataclasses.field(default="teacher", metadata={
+        "help": "teacher or student: which model to train and whose checkpoint it makes."})
+    model: str | None = dataclasses.field(default=None, metadata={
+        "help": "Start from this path or hub id (default: newest checkpoint of the role)."})
 
 
 DEFAULTS = {

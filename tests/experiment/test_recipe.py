@@ -39,12 +39,12 @@ def test_recipe_errors(tmp_path, fields, message):
 
 def test_plan_cycle_and_missing_stage_are_errors(tmp_path):
     planner = recipes.Planner(recipes.load(TOY), tmp_path, 1)
-    a = planner.add(run_dir=tmp_path / "x", stage="eval", name="a", args=[], options={}, after=["x:b"])
-    planner.add(run_dir=tmp_path / "x", stage="eval", name="b", args=["--other"], options={}, after=[a.id])
+    a = planner.add(run_dir=tmp_path / "x", stage="eval", name="a", flags={}, options={}, after=["x:b"])
+    planner.add(run_dir=tmp_path / "x", stage="eval", name="b", flags={"model": "other"}, options={}, after=[a.id])
     with pytest.raises(SddError, match="cycle"):
         planner.ordered()
     planner = recipes.Planner(recipes.load(TOY), tmp_path, 1)
-    planner.add(run_dir=tmp_path / "x", stage="eval", name="a", args=[], options={}, after=["x:nowhere"])
+    planner.add(run_dir=tmp_path / "x", stage="eval", name="a", flags={}, options={}, after=["x:nowhere"])
     with pytest.raises(SddError, match="missing stage x:nowhere"):
         planner.ordered()
 
