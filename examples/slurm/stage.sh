@@ -56,9 +56,11 @@ else
   srun --ntasks=1 python -m sdd "$@" &
 fi
 child=$!
-# Forward the early-warning SIGTERM to the stage, then wait for its checkpoint to be written.
+# Pass the early warning (--signal=B:TERM, sent to this shell only) on to the stage's processes through
+# Slurm, then wait for the checkpoint to be written. Not to srun: srun takes a SIGTERM as "kill the step"
+# and SIGKILLs the stage before it can save (measured on Slurm 22.05).
 warned=""
-trap 'warned=1; kill -TERM "$child" 2>/dev/null' TERM
+trap 'warned=1; scancel --signal=TERM "${SLURM_JOB_ID:-0}" 2>/dev/null || kill -TERM "$child" 2>/dev/null' TERM
 wait "$child"
 status=$?
 if kill -0 "$child" 2>/dev/null; then wait "$child"; status=$?; fi
