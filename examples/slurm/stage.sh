@@ -22,7 +22,7 @@
 # a checkpoint and exits, this script requeues the job, and the requeued job resumes the stage.
 #
 # Environment: ACCELERATE_CONFIG; GPUS_PER_NODE (processes per node, default 8; `sdd run` sets it from
-# the recipe's gpus); MAIN_PORT (29500); SDD_STAGE_TRAINS (1; `sdd run` sets it).
+# the recipe's gpus); MAIN_PORT (29500); set by `sdd run`: SDD_STAGE_TRAINS (default 1), SDD_DATASETS_FILE.
 set -uo pipefail
 if [[ $# -eq 0 || "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
   awk 'NR > 1 && /^#SBATCH/ { next } NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
@@ -39,6 +39,10 @@ echo "$(date '+%F %T') job ${SLURM_JOB_ID:-?} on $(hostname -s) (restart ${SLURM
 # srun does not inherit the job's --cpus-per-task since Slurm 22.05: pass it on, or every task gets one CPU.
 if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
   export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+fi
+# The experiment's datasets (the toy's are written by its first job) registered in this stage's run dir.
+if [[ -n "${SDD_DATASETS_FILE:-}" ]]; then
+  python -m sdd.experiment.slurm "$SDD_DATASETS_FILE" "$@"
 fi
 # torchrun/accelerate SIGKILL workers 30 s after forwarding SIGTERM by default; a checkpoint of a
 # large model needs longer.

@@ -10,6 +10,10 @@ are done is skipped; one that Slurm has queued or running under its name is kept
 submitted now depend on it (afterok); only the rest is submitted. A queued job that could never
 start (its dependency failed, or was just resubmitted) is cancelled and submitted again. Last comes
 one `sdd report` job after all of them.
+
+The recipe's datasets (the toy's are written by its first job) are registered in a job's run dir
+when the job starts, as `sdd run` does before each job: stage.sh runs this module first
+(`python -m sdd.experiment.slurm DATASETS_FILE <stage argv>`).
 """
 
 from __future__ import annotations
@@ -17,15 +21,17 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import hashlib
+import json
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 from sdd.errors import SddError
 from sdd.experiment.execute import is_done, register_datasets
 from sdd.experiment.recipe import Job, Recipe, sbatch_resource_args, slurm_resources
-from sdd.manifest import StageLock
+from sdd.manifest import StageLock, atomic_write_text
 
 REPORT = "report"
 
@@ -89,8 +95,12 @@ def submit_slurm(jobs: list[Job], datasets: dict[str, str], script: str, *, root
         same = [j for j, n in names.items() if n in clash]
         raise SddError(f"jobs {same[0]} and {same[1]} get the same Slurm name; rename one variant")
     logs = root / "logs"
+    datasets_file = root / "plan" / "slurm-datasets.json"
+    if "," in str(root):
+        raise SddError(f"{root} has a comma in it, which sbatch --export cannot carry; choose another --root")
     if not dry_run:
         logs.mkdir(parents=True, exist_ok=True)  # sbatch opens --output before the job runs: it must exist
+        atomic_write_text(datasets_file, json.dumps(datasets, indent=1, sort_keys=True) + "\n")
     queue = queued_jobs(tag, required=not dry_run)
     ids: dict[str, str] = {}  # job id -> slurm id of every job still to finish, queued or submitted now
     fresh: set[str] = set()
@@ -117,7 +127,8 @@ def submit_slurm(jobs: list[Job], datasets: dict[str, str], script: str, *, root
         deps = [ids[d] for d in after if d in ids]
         if deps:
             command.append("--dependency=afterok:" + ":".join(deps))
-        command += [f"--export=ALL,SDD_STAGE_TRAINS={int(trains)},GPUS_PER_NODE={processes}", script, *argv]
+        command += [f"--export=ALL,SDD_STAGE_TRAINS={int(trains)},GPUS_PER_NODE={processes},"
+                    f"SDD_DATASETS_FILE={datasets_file}", script, *argv]
         if dry_run:
             ids[job_id] = f"<{job_id}>"
             print(shlex.join(command))
@@ -144,4 +155,14 @@ def submit_slurm(jobs: list[Job], datasets: dict[str, str], script: str, *, root
         submit(REPORT, job_name(tag, REPORT), REPORT, [REPORT, str(root)], sorted(ids), trains=False)
     if not dry_run:
         print(f"{counts['submitted']} submitted, {counts['queued']} already queued or running, {counts['done']} done; "
-              f"logs in {logs}")
+              f"jobs named sdd-{tag}-*, logs in {logs}")
+
+
+def register_for_job(datasets_file: Path, argv: list[str]) -> None:
+    """At a job's start: the experiment's datasets in the run dir its argv names (`--run`), if any."""
+    if "--run" in argv[:-1] and Path(datasets_file).is_file():
+        register_datasets(Path(argv[argv.index("--run") + 1]), json.loads(Path(datasets_file).read_text()))
+
+
+if __name__ == "__main__":
+    register_for_job(Path(sys.argv[1]), sys.argv[2:])

@@ -80,21 +80,37 @@ def test_two_jobs_with_the_same_safe_name_are_refused(tmp_path):
     assert "jobs a.b/seed0:eval and a:b/seed0:eval get the same Slurm name; rename one variant" in done.stderr
 
 
+def test_a_job_registers_the_experiments_datasets_in_its_run_dir_when_it_starts(tmp_path):
+    from sdd.experiment.slurm import register_for_job
+
+    data = tmp_path / "shared" / "toy" / "data" / "train.jsonl"  # written by the experiment's first job
+    listing = tmp_path / "plan" / "slurm-datasets.json"
+    listing.parent.mkdir()
+    listing.write_text(json.dumps({"toy-train": str(data)}))
+    run = tmp_path / "variant" / "seed0"
+    register_for_job(listing, ["warmup", "--run", str(run), "--dataset", "toy-train"])
+    assert RunDir(run).datasets() == {}  # not there yet: nothing to register
+    data.parent.mkdir(parents=True)
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    register_for_job(listing, ["warmup", "--run", str(run), "--dataset", "toy-train"])
+    assert RunDir(run).datasets() == {"toy-train": str(data)}
+
+
 # -- resources ----------------------------------------------------------------------------------------
 def test_published_recipe_asks_for_an_8_gpu_node_per_training_stage_and_one_gpu_for_eval(tmp_path):
     commands = dry_run(QWEN, tmp_path / "q", "--only", "direct-grpo")
     train, evaluation = (next(c for c in commands if c[c.index(str(STAGE)) + 1] == kind) for kind in ("student-rl", "eval"))
     assert [option(train, k) for k in ("--gpus-per-node", "--cpus-per-task", "--nodes", "--time")] == \
         ["8", "64", "1", "48:00:00"]
-    assert option(train, "--export").endswith("SDD_STAGE_TRAINS=1,GPUS_PER_NODE=8")
+    assert "SDD_STAGE_TRAINS=1,GPUS_PER_NODE=8," in option(train, "--export")
     assert [option(evaluation, k) for k in ("--gpus-per-node", "--cpus-per-task")] == ["1", "8"]
-    assert option(evaluation, "--export").endswith("SDD_STAGE_TRAINS=0,GPUS_PER_NODE=1")
+    assert "SDD_STAGE_TRAINS=0,GPUS_PER_NODE=1," in option(evaluation, "--export")
 
 
 def test_the_toy_runs_on_the_cpu_profile_and_a_flag_overrides_a_recipe(tmp_path):
     toy = dry_run(TOY, tmp_path / "t", "--only", "direct-grpo")
     assert {option(c, "--gpus-per-node") for c in toy} == {"0"} and {option(c, "--mem") for c in toy} == {"4G"}
-    assert all(option(c, "--export").endswith("GPUS_PER_NODE=1") for c in toy)  # one process per stage
+    assert all("GPUS_PER_NODE=1," in option(c, "--export") for c in toy)  # one process per stage
     as_gpu = dry_run(TOY, tmp_path / "t", "--only", "direct-grpo", "--slurm-profile", "gpu")
     assert option(as_gpu[1], "--gpus-per-node") == "8"
 
