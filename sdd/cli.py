@@ -213,13 +213,14 @@ def run_(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands (or the sbatch chain) instead of running them.")] = False,
     slurm: Annotated[str | None, typer.Option(help="Submit one sbatch per job with this job script, chained with afterok.")] = None,
     slurm_arg: Annotated[list[str] | None, typer.Option(help="Extra sbatch argument for every job; repeatable.")] = None,
+    slurm_profile: Annotated[str | None, typer.Option(help="Slurm resources: gpu (8-GPU nodes) or cpu (the toy on CPU nodes); default the recipe's slurm.profile, else gpu.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Run an experiment: every variant and seed, in dependency order, skipping what is done."""
     from sdd.stages import run as stage
 
     stage.run(str(recipe), root=str(root), seeds=seeds, only=only, jobs=jobs, launcher=launcher, dry_run=dry_run,
-              slurm=slurm, slurm_args=slurm_arg, as_json=json_)
+              slurm=slurm, slurm_args=slurm_arg, as_json=json_, slurm_profile=slurm_profile)
 
 
 @app.command()

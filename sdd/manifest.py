@@ -121,10 +121,17 @@ def _pid_alive(pid: int) -> bool:
 class StageLock:
     """Exclusive ownership of one stage of one run dir, across processes and hosts.
 
-    An O_EXCL lock file holds the owner's pid and host so a refusal can say who holds it. A lock
-    left by a dead process on this host is taken over; one from another host cannot be checked
-    from here, so the message says how to clear it once the user knows that job is gone.
+    An O_EXCL lock file holds the owner's pid, host and Slurm job id so a refusal can say who holds
+    it. A lock left by a dead process on this host is taken over. Under Slurm a requeued job keeps
+    its SLURM_JOB_ID but may land on another node, so a lock with our own job id is ours (its
+    earlier run was killed by the requeue), and a lock whose job Slurm reports finished is taken
+    over. Any other lock from another host cannot be checked from here, so the message says how to
+    clear it once the user knows that job is gone.
     """
+
+    # squeue states of a job that may still be running the stage (or will run it again, requeued).
+    SLURM_ACTIVE = {"PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
+                    "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 
     def __init__(self, path: Path):
         self.path = path
@@ -156,6 +163,8 @@ class StageLock:
     def _acquire_once(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+        if os.environ.get("SLURM_JOB_ID"):
+            me["slurm_job"] = os.environ["SLURM_JOB_ID"]
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -166,11 +175,12 @@ class StageLock:
                     if not self._owner() and self.path.exists():
                         self._break_stale(owner)
                     continue
-                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                if self._stale(owner, me):
                     self._break_stale(owner)
                     continue
+                job = f" (Slurm job {owner['slurm_job']})" if owner.get("slurm_job") else ""
                 raise SddError(
-                    f"{self.path.stem} is being run by pid {owner.get('pid')} on {owner.get('host')} "
+                    f"{self.path.stem} is being run by pid {owner.get('pid')} on {owner.get('host')}{job} "
                     f"since {owner.get('since')}; wait for it, or if that job is dead remove {self.path}"
                 ) from None
             except OSError as err:
@@ -180,6 +190,33 @@ class StageLock:
             self.held = True
             return
         raise SddError(f"could not take {self.path}; another process keeps recreating it")
+
+    def _stale(self, owner: dict, me: dict) -> bool:
+        same_host = owner.get("host") == me["host"]
+        alive_here = same_host and _pid_alive(int(owner.get("pid", -1)))
+        if same_host and not alive_here:
+            return True
+        if owner.get("slurm_job") and owner.get("slurm_job") == me.get("slurm_job"):
+            return not alive_here  # our own job before its requeue, unless a live process of it holds the lock
+        return bool(owner.get("slurm_job")) and self.slurm_job_finished(str(owner["slurm_job"]))
+
+    @classmethod
+    def slurm_job_finished(cls, job_id: str) -> bool:
+        """Whether Slurm says the job ended: squeue shows its final state, or no longer knows it.
+
+        False when Slurm cannot be asked (no squeue here, controller down): then nobody can tell.
+        """
+        import subprocess
+
+        try:
+            done = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "all", "-o", "%T"], capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if done.returncode != 0:
+            return "invalid job id" in (done.stderr + done.stdout).lower()  # purged: it ended a while ago
+        states = done.stdout.split()
+        return bool(states) and not any(state in cls.SLURM_ACTIVE for state in states)
 
     def _break_stale(self, owner: dict) -> None:
         # Rename first: of several processes breaking the same stale lock, exactly one rename succeeds.

@@ -123,6 +123,8 @@ class Recipe:
     # `eval-heldout`, benchmark label `<train_dataset>:heldout`; `heldout_eval` overrides the recipe's
     # eval options for it, e.g. fewer samples). None (the default) trains on all of train_dataset.
     split: dict[str, Any] | None = None
+    # What each Slurm job asks for (`sdd run --slurm`): a profile and overrides; see SLURM_PROFILES below.
+    slurm: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def variant(self, name: str) -> dict:
         return self.custom_variants.get(name) or BUILTIN_VARIANTS[name]
@@ -205,9 +207,80 @@ def load(path: str | Path) -> Recipe:
     for name, file in recipe.datasets.items():
         if not isinstance(file, str):
             raise SddError(f"recipe {path}: datasets.{name} must be a file path")
+    check_slurm(recipe.slurm, f"recipe {path}: slurm")
     if not recipe.toy and (not recipe.teacher or not recipe.student):
         raise SddError(f"recipe {path}: name the models ('teacher:' and 'student:', hub ids or paths), or set 'toy: true'")
     return recipe
+
+
+# -- Slurm resources --------------------------------------------------------------------------------
+# What each job of the plan asks Slurm for, by stage kind. A profile is the base; a recipe's `slurm:`
+# section goes over it, `all:` for every job, then a stage kind's own section:
+#     slurm: {profile: cpu, all: {partition: short}, eval: {time: "02:00:00"}}
+# `sdd run --slurm-profile NAME` picks the profile instead of the recipe's `profile:`.
+SLURM_KINDS = (*STAGE_KINDS, "toy-init", "report")
+SLURM_OPTIONS = {"nodes": "--nodes", "gpus": "--gpus-per-node", "cpus": "--cpus-per-task", "mem": "--mem",
+                 "time": "--time", "partition": "--partition", "account": "--account", "qos": "--qos",
+                 "constraint": "--constraint"}
+SLURM_COUNTS = ("nodes", "gpus", "cpus")
+SLURM_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    # The published recipe: each training stage on one node of 8 GPUs (its batch shapes assume 8 x 80 GB,
+    # docs/scaling.md), eval on one GPU (one vLLM engine), the toy and the report on no GPU.
+    "gpu": {
+        "all": {"nodes": 1, "gpus": 8, "cpus": 64, "time": "48:00:00"},
+        "eval": {"gpus": 1, "cpus": 8, "time": "24:00:00"},
+        "toy-init": {"gpus": 0, "cpus": 2, "time": "01:00:00"},
+        "report": {"gpus": 0, "cpus": 2, "time": "01:00:00"},
+    },
+    # CPU-only nodes: one process per stage, for the toy (each stage takes minutes on 2 cores).
+    "cpu": {"all": {"nodes": 1, "gpus": 0, "cpus": 2, "mem": "4G", "time": "02:00:00"}},
+}
+
+
+def check_slurm(section: Any, where: str) -> None:
+    """A `slurm:` section: one line naming the key and what to write instead."""
+    if not isinstance(section, dict):
+        raise SddError(f"{where} must be a mapping (e.g. slurm: {{profile: cpu, eval: {{time: '02:00:00'}}}})")
+    for key, value in section.items():
+        if key == "profile":
+            if value not in SLURM_PROFILES:
+                raise SddError(f"{where}.profile is {value!r}; use one of {', '.join(SLURM_PROFILES)}")
+            continue
+        if key not in ("all", *SLURM_KINDS):
+            raise SddError(f"{where} has unknown key '{key}' (keys: profile, all, {', '.join(SLURM_KINDS)})")
+        if not isinstance(value, dict):
+            raise SddError(f"{where}.{key} must be a mapping of resource: value ({', '.join(SLURM_OPTIONS)}, sbatch)")
+        for name, setting in value.items():
+            if name == "sbatch":
+                if not isinstance(setting, list) or not all(isinstance(arg, str) for arg in setting):
+                    raise SddError(f"{where}.{key}.sbatch must be a list of sbatch arguments, e.g. ['--exclusive']")
+            elif name not in SLURM_OPTIONS:
+                raise SddError(f"{where}.{key} has unknown resource '{name}' (resources: {', '.join(SLURM_OPTIONS)}, sbatch)")
+            elif name in SLURM_COUNTS and (not isinstance(setting, int) or isinstance(setting, bool) or setting < 0
+                                           or (name == "nodes" and setting < 1)):
+                raise SddError(f"{where}.{key}.{name} must be a whole number{' >= 1' if name == 'nodes' else ''}, "
+                               f"not {setting!r}")
+            elif setting is not None and not isinstance(setting, (str, int)):
+                raise SddError(f"{where}.{key}.{name} must be a string such as '04:00:00' or '64G', not {setting!r}")
+
+
+def slurm_resources(recipe: Recipe, kind: str, profile: str | None = None) -> dict[str, Any]:
+    """What a job of stage `kind` asks for: the profile's `all` and `kind`, then the recipe's."""
+    name = profile or recipe.slurm.get("profile") or "gpu"
+    if name not in SLURM_PROFILES:
+        raise SddError(f"Slurm profile '{name}' does not exist; use one of {', '.join(SLURM_PROFILES)}")
+    resources: dict[str, Any] = {}
+    for layer in (SLURM_PROFILES[name], recipe.slurm):
+        for section in ("all", kind):
+            resources.update(layer.get(section) or {})
+    return resources
+
+
+def sbatch_resource_args(resources: dict[str, Any]) -> list[str]:
+    """The sbatch options of resolved resources; a None value leaves that option to the cluster's default."""
+    args = [f"{SLURM_OPTIONS[name]}={value}" for name, value in resources.items()
+            if name in SLURM_OPTIONS and value is not None]
+    return [*args, *resources.get("sbatch", [])]
 
 
 @dataclasses.dataclass

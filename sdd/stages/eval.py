@@ -78,9 +78,8 @@ def pass_ks(samples: int) -> list[int]:
 def sample_and_score(model, tokenizer, records: list[dict], options: EvalOptions, seed: int, *, greedy: bool,
                      label: str) -> list[dict]:
     """One seed's completions for every problem, verified, as per-problem rows."""
-    from rich.progress import Progress
-
     from sdd.generation import SamplingParams, generate
+    from sdd.progress import StageProgress
     from sdd.verify import score_completions
 
     n = 1 if greedy else options.samples
@@ -89,11 +88,9 @@ def sample_and_score(model, tokenizer, records: list[dict], options: EvalOptions
         top_k=0 if greedy else options.top_k, max_new_tokens=options.max_new_tokens, seed=seed,
     )
     prompts = [data.render_prompt(tokenizer, r["problem"], options.chat_template_kwargs) for r in records]
-    with Progress(transient=True) as progress:
-        task = progress.add_task(label, total=len(prompts) * n)
+    with StageProgress(label, len(prompts) * n, unit="completions", transient=True) as progress:
         completions = generate(model, tokenizer, prompts, params, backend=options.backend,
-                               batch_size=options.batch_size, progress=lambda k: progress.advance(task, k),
-                               vllm=_vllm_settings(options))
+                               batch_size=options.batch_size, progress=progress.advance, vllm=_vllm_settings(options))
     texts = [c.text for group in completions for c in group]
     golds = [r["answer"] for r in records for _ in range(n)]
     scores = score_completions(texts, golds)

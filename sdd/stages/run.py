@@ -90,7 +90,8 @@ def outcome(call: Callable[[], object]) -> tuple[str, str]:
 
 
 def run(recipe_path: str, *, root: str, seeds: int | None, only: list[str] | None, jobs: int, launcher: str | None,
-        dry_run: bool, slurm: str | None, slurm_args: list[str] | None, as_json: bool = False) -> None:
+        dry_run: bool, slurm: str | None, slurm_args: list[str] | None, as_json: bool = False,
+        slurm_profile: str | None = None) -> None:
     recipe = recipes.load(recipe_path)
     planned, datasets = recipes.plan(recipe, Path(root).resolve(), seeds)
     chosen = select(planned, only)
@@ -99,7 +100,8 @@ def run(recipe_path: str, *, root: str, seeds: int | None, only: list[str] | Non
                            "variant": j.variant, "seed": j.seed, "config": resolved_config(j)} for j in chosen], indent=2))
         return
     if slurm:
-        submit_slurm(chosen, datasets, slurm, dry_run=dry_run, extra=list(slurm_args or []))
+        submit_slurm(chosen, datasets, slurm, root=Path(root), recipe=recipe, profile=slurm_profile, dry_run=dry_run,
+                     extra=list(slurm_args or []))
         return
     if dry_run:
         for job in chosen:

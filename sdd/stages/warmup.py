@@ -185,7 +185,12 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, proven
     # every rank enters (a ZeRO-3 gather is a collective), also one whose shard an earlier launch finished
     ready = ready_for_generation(teacher, ranks.device) if options.backend == "hf" else contextlib.nullcontext()
     appending = writer and chunks_done < len(per_chunk)
-    with ready, (partial.append() if appending else contextlib.nullcontext()) as out:
+    from sdd.progress import StageProgress
+
+    shown = StageProgress("teacher sampling", sum(per_chunk) * params.n, unit="completions",
+                          completed=sum(per_chunk[:chunks_done]) * params.n) if ranks.index == 0 else None
+    with ready, (partial.append() if appending else contextlib.nullcontext()) as out, \
+            (shown.start() if shown else contextlib.nullcontext()):
         for start in list(starts)[chunks_done:]:
             if flag.requested:
                 return None
@@ -197,7 +202,7 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, proven
             chunk_params = dataclasses.replace(params, seed=params.seed * 1_000_003 + start)
             groups = generate(teacher, tokenizer, prompts, chunk_params, backend=options.backend,
                               batch_size=options.sample_batch_size, prompt_indices=positions,
-                              vllm=options.vllm_settings()) if prompts else []
+                              vllm=options.vllm_settings(), progress=shown.advance if shown else None) if prompts else []
             texts = [c.text for group in groups for c in group]
             scores = score_completions(texts, [r["answer"] for r in mine for _ in range(params.n)]) if texts else []
             rows = [{

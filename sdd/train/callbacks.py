@@ -65,38 +65,28 @@ class LogToDisk(TrainerCallback):
 
 
 class Progress(TrainerCallback):
-    """One rich progress bar with the live metrics that matter for this stage."""
+    """The stage's progress on rank 0: a bar on a terminal, plain lines in a log (sdd.progress)."""
 
     def __init__(self, label: str, headline: tuple[str, ...]) -> None:
         self.label = label
         self.headline = headline
         self.progress = None
-        self.task = None
-        self.shown: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        if state.is_world_process_zero:
+            from sdd.progress import StageProgress
 
-        self.progress = Progress(
-            TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[metrics]}"), transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task(self.label, total=state.max_steps, completed=state.global_step, metrics="")
+            self.progress = StageProgress(self.label, state.max_steps, completed=state.global_step,
+                                          headline=("loss", *self.headline)).start()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.progress:
-            self.progress.update(self.task, completed=state.global_step)
+        if self.progress and not control.should_log:  # else on_log shows this step, with its metrics
+            self.progress.update(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.progress and logs:
-            for key in self.headline:
-                if key in logs:
-                    self.shown[key.split("/")[-1]] = logs[key]
-            text = "  ".join(f"{k} {v:.3g}" for k, v in self.shown.items() if isinstance(v, (int, float)))
-            self.progress.update(self.task, metrics=text)
+            self.progress.log(logs)
+            self.progress.update(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress:

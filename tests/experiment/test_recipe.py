@@ -89,7 +89,7 @@ def test_slurm_dry_run_prints_the_chain(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()
     assert all(line.startswith("sbatch --parsable") for line in out)
-    distill = next(line for line in out if "sdd:no-warmup/seed0:distill" in line)
+    distill = next(line for line in out if "no-warmup.seed0.distill --output" in line)
     assert "--dependency=afterok:<shared:teacher-rl>:<shared:sft-student>" in distill or \
         "--dependency=afterok:<shared:sft-student>:<shared:teacher-rl>" in distill
 
