@@ -42,10 +42,10 @@ def train_stage(run: RunDir, name: str, kind: str, inputs: dict, content: str) -
             "fingerprint": output["fingerprint"]}
 
 
-def eval_stage_with(run: RunDir, model: dict, correct_by_seed: dict[int, np.ndarray]) -> None:
+def eval_stage_with(run: RunDir, model: dict, correct_by_seed: dict[int, np.ndarray], stage: str = "eval") -> None:
     """An eval stage: samples-seed<j>.jsonl for every eval seed, metrics from eval's own summarize."""
     run.create()
-    name = f"eval-{BENCH}"
+    name = f"{stage}-{BENCH}"
     run.begin(name, stage="eval", role="student", config={}, inputs={"model": model})
     (run.path / name).mkdir(exist_ok=True)
     per_seed = {}
