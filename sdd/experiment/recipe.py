@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdd.errors import SddError
-from sdd.names import slug  # re-exported: callers of recipe.slug keep working
+from sdd.names import SHARED_DIR, slug  # slug re-exported: callers of recipe.slug keep working
 
 STAGE_KINDS = ("sft", "teacher-rl", "warmup", "distill", "student-rl", "eval")
 # Recipe `stages:` sections: a stage kind, or one of the shared stages by name (the bootstrap SFT of
@@ -66,7 +66,6 @@ TEACHERS = ("rl", "raw", "sft", "rl-half")
 SPLITS = ("train", "heldout", "train-a", "train-b")  # sdd.stages.common.DataOptions.SPLITS, without importing torch
 SPLIT_KEYS = ("seed", "fraction", "heldout_eval")
 SEED_SCOPES = ("student", "chain")
-SHARED_DIR = "shared"  # <root>/shared: the stages variants reuse; with seed_scope chain, shared/seed<k> per seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +252,7 @@ class Planner:
         self.seeds = seeds
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, str] = {}
-        self.shared = root / "shared"
+        self.shared = root / SHARED_DIR
         self.config_dir = root / "plan"
         self.datasets = {k: str(Path(v).resolve()) for k, v in recipe.datasets.items()}
 

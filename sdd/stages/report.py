@@ -33,8 +33,9 @@ from pathlib import Path
 
 from sdd import environment, stats
 from sdd.errors import SddError
-from sdd.experiment.recipe import BUILTIN_VARIANTS, COMPARISONS, SHARED_DIR
+from sdd.experiment.recipe import BUILTIN_VARIANTS, COMPARISONS
 from sdd.manifest import MANIFEST_NAME, RunDir, atomic_write_text
+from sdd.names import SHARED_DIR
 
 
 def eval_records(run_dir: Path) -> dict[str, dict]:
@@ -317,7 +318,7 @@ def render_markdown(summary: dict, benchmarks: list[str]) -> str:
         lines += [""] if environment_warnings(found) else []
     scopes = {s["seed_scope"]["words"] for benches in summary["variants"].values() for s in benches.values()}
     lines += ["## Accuracy per variant (mean ± std over training seeds)", ""]
-    lines += [f"Seed scope: {next(iter(scopes))}." if len(scopes) == 1 else
+    lines += [f"{next(iter(scopes))[0].upper()}{next(iter(scopes))[1:]}." if len(scopes) == 1 else
               "Seed scopes differ between variants: see each row.", ""] if scopes else []
     header = "| variant | " + " | ".join(benchmarks) + " | seed scope |"
     lines += [header, "|---" * (len(benchmarks) + 2) + "|"]

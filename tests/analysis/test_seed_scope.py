@@ -103,7 +103,7 @@ def test_every_spread_and_ci_states_its_scope(reports):
         assert f"(n=3 {unit})" in spread_row
         assert f"| {unit} {resampled}" in ci_row and f"seed scope {scope}:" in ci_row
     chain_md = (reports["chain"][1] / "report" / "report.md").read_text()
-    assert "Seed scope: seed scope chain: 3 chains" in chain_md
+    assert "\nSeed scope chain: 3 chains, every training stage (teacher and student) redrawn per seed.\n" in chain_md
     assert "| shared:eval-teacher-rl |" in chain_md and "(n=3 chains)" in chain_md.split("## Shared checkpoints")[1]
     student_md = (reports["student"][1] / "report" / "report.md").read_text()
     assert "share sft-student, sft-teacher, teacher-rl (run once), whose luck the spread leaves out" in student_md
