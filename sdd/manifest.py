@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import socket
 import sys
 import time
@@ -50,15 +49,11 @@ def is_main_process() -> bool:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
     import sdd
+    from sdd.environment import versions
 
-    versions = {"sdd": sdd.__version__, "python": platform.python_version()}
-    for dist in ("torch", "transformers", "trl", "accelerate", "datasets", "math-verify", "vllm"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
-    return versions
+    found = versions(("torch", "transformers", "trl", "accelerate", "datasets", "math-verify", "vllm"))
+    return {"sdd": sdd.__version__, **{name: version for name, version in found.items() if version is not None}}
 
 
 def fingerprint(path: str | Path) -> str:
@@ -310,6 +305,7 @@ class StageRecord:
     attempts: int = 1
     command: list[str] = dataclasses.field(default_factory=list)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # sdd.environment.capture()
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     inputs: dict[str, Input] = dataclasses.field(default_factory=dict)
     outputs: dict[str, Output] = dataclasses.field(default_factory=dict)
@@ -566,12 +562,14 @@ class RunDir:
     def begin(self, name: str, *, stage: str, role: str | None, config: dict, inputs: dict) -> None:
         """Record that stage `name` started (status "running"); `inputs` are input entries (Input.to_json)."""
 
+        from sdd import environment
+
         def change(data: dict) -> None:
             previous = data["stages"].get(name, {})
             record = StageRecord(
                 name=name, stage=stage, role=role, status="running", started_at=now_iso(), ended_at=None,
                 host=socket.gethostname(), pid=os.getpid(), attempts=previous.get("attempts", 0) + 1,
-                command=sys.argv, versions=library_versions(), config=config,
+                command=sys.argv, versions=library_versions(), environment=environment.capture(), config=config,
                 inputs={key: Input.from_json(entry) for key, entry in inputs.items()}, outputs={},
                 # an interrupted stage resumes: its metrics so far (e.g. the "before" of a before/after) stay
                 metrics=previous.get("metrics", {}) if previous.get("status") == "interrupted" else {},

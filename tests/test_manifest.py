@@ -127,7 +127,7 @@ def test_fingerprint_sees_changes(tmp_path):
 # Typed records: begin/end build them, the JSON on disk keeps its keys, readers get dataclasses.
 
 RECORD_KEYS = ["name", "stage", "role", "status", "started_at", "ended_at", "host", "pid", "attempts", "command",
-               "versions", "config", "inputs", "outputs", "metrics"]
+               "versions", "environment", "config", "inputs", "outputs", "metrics"]
 
 
 def _checkpoint(run: RunDir, name: str, content: bytes):

@@ -5,7 +5,16 @@ turns it into jobs, each one ordinary `sdd <stage> ...` command line in a run di
 
     <root>/shared/                 stages every variant reuses (toy, bootstrap SFT, teacher RL,
                                    the SFT-teacher control, teacher evals)
+    <root>/shared/seed<k>/         with `seed_scope: chain`, those stages (all but the toy) once per seed
     <root>/<variant>/seed<k>/      the student stages of one variant and one seed, and its eval
+
+`seed_scope` says which stages a seed covers. `student` (cheap): the teacher bootstrap, teacher RL,
+the SFT-teacher control and the student bootstrap run once and every seed starts from them, so
+"± over seeds" is the luck of the student stages alone, for one draw of the teacher. `chain`: seed k
+repeats that whole chain, each stage seeded with k, so seed k is one independent draw of the
+experiment (teacher and student together) and the spread over seeds includes the teacher's luck.
+The toy's task and base models (`sdd toy init`) stay shared: they play the pretrained models and
+the benchmark, which a real experiment does not redraw either.
 
 Because jobs are plain command lines, the same plan runs in-process (`sdd run`), under a
 launcher (`--launcher "accelerate launch ..."`), or as a chain of Slurm jobs, and a user can
@@ -22,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdd.errors import SddError
-from sdd.names import slug  # re-exported: callers of recipe.slug keep working
+from sdd.names import SHARED_DIR, slug  # slug re-exported: callers of recipe.slug keep working
 
 STAGE_KINDS = ("sft", "teacher-rl", "warmup", "distill", "student-rl", "eval")
 # Recipe `stages:` sections: a stage kind, or one of the shared stages by name (the bootstrap SFT of
@@ -56,6 +65,7 @@ DEFAULT_VARIANTS = ["rl-teacher-bridge", "direct-grpo", "raw-teacher-bridge", "s
 TEACHERS = ("rl", "raw", "sft", "rl-half")
 SPLITS = ("train", "heldout", "train-a", "train-b")  # sdd.stages.common.DataOptions.SPLITS, without importing torch
 SPLIT_KEYS = ("seed", "fraction", "heldout_eval")
+SEED_SCOPES = ("student", "chain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +120,7 @@ class Recipe:
     data_dir: str | None = None
     benchmarks: list[str] = dataclasses.field(default_factory=lambda: ["math500"])
     seeds: int = 3
+    seed_scope: str = "student"  # which stages a seed covers: "student" or "chain" (see the module docstring)
     bootstrap: bool = False  # supervised bootstrap of both models first (the toy's models start random)
     student_rl_after_bridge: bool = False
     variants: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_VARIANTS))
@@ -160,6 +171,9 @@ def load(path: str | Path) -> Recipe:
             raise SddError(f"recipe {path}: '{key}' must be a non-empty list")
     if not isinstance(recipe.seeds, int) or recipe.seeds < 1:
         raise SddError(f"recipe {path}: 'seeds' must be a positive integer")
+    if recipe.seed_scope not in SEED_SCOPES:
+        raise SddError(f"recipe {path}: 'seed_scope' must be student (teacher stages once, shared by every seed) "
+                       f"or chain (every seed repeats them), not {recipe.seed_scope!r}")
     if recipe.split is not None:
         if recipe.split is True:
             recipe.split = {}
@@ -326,7 +340,7 @@ class Planner:
         self.seeds = seeds
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, str] = {}
-        self.shared = root / "shared"
+        self.shared = root / SHARED_DIR
         self.config_dir = root / "plan"
         self.datasets = {k: str(Path(v).resolve()) for k, v in recipe.datasets.items()}
 
@@ -402,53 +416,77 @@ class Planner:
                              **self.datasets}
             teacher_base = teacher_base or str(self.shared / "toy" / "teacher-base")
             student_base = student_base or str(self.shared / "toy" / "student-base")
-        teacher_raw, student_start, deps_t, deps_s = teacher_base, student_base, after_init, after_init
-        if r.bootstrap:
-            sft_data = r.sft_dataset or r.train_dataset
-            sft_t = self.add(run_dir=self.shared, stage="sft", name="sft-teacher",
-                             options=self.stage_options("sft", "sft-teacher", **self.split_options(self.sft_split())),
-                             flags={"role": "teacher", "model": teacher_base, "dataset": sft_data, **self.data_flags()},
-                             after=after_init)
-            sft_s = self.add(run_dir=self.shared, stage="sft", name="sft-student",
-                             options=self.stage_options("sft", "sft-student", **self.split_options(self.sft_split())),
-                             flags={"role": "student", "model": student_base, "dataset": sft_data, **self.data_flags()},
-                             after=after_init)
-            teacher_raw, student_start = self.final(sft_t), self.final(sft_s)
-            deps_t, deps_s = [sft_t.id], [sft_s.id]
-        teachers: dict[str, tuple[str, list[str]]] = {"raw": (teacher_raw, deps_t)}
         train = {"dataset": r.train_dataset, **self.data_flags()}
-        wanted = {r.variant(v).get("teacher") for v in r.variants}
-        if "rl" in wanted:
-            rl = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl", flags={"model": teacher_raw, **train},
-                          options=self.stage_options("teacher-rl", **self.split_options("train")), after=deps_t)
-            teachers["rl"] = (self.final(rl), [rl.id])
-        if "rl-half" in wanted:
-            half = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl-half",
-                            flags={"model": teacher_raw, **train}, after=deps_t,
-                            options=self.stage_options("teacher-rl", "teacher-rl-half", **self.split_options("train-a")))
-            teachers["rl-half"] = (self.final(half), [half.id])
-        if "sft" in wanted:
-            sft_data = r.sft_dataset or r.train_dataset
-            control_options = self.stage_options("sft", "teacher-sft", **self.split_options(self.sft_split()))
-            control = self.add(run_dir=self.shared, stage="sft", name="teacher-sft", options=control_options,
-                               flags={"role": "teacher", "model": teacher_raw, "dataset": sft_data, **self.data_flags()},
-                               after=deps_t)
-            teachers["sft"] = (self.final(control), [control.id])
-        for which, (path, deps) in teachers.items():
-            if which in wanted or which == "raw":
-                self.add_eval(self.shared, f"eval-teacher-{which}", path, "teacher", deps, None, None)
-                self.add_heldout_eval(self.shared, f"eval-heldout-teacher-{which}", path, "teacher", deps, None, None)
-        self.add_eval(self.shared, "eval-student-base", student_start, "student", deps_s, None, None)
-        self.add_heldout_eval(self.shared, "eval-heldout-student-base", student_start, "student", deps_s, None, None)
+        if r.seed_scope == "chain":
+            chains = {seed: self.plan_chain(seed, teacher_base, student_base, after_init) for seed in range(self.seeds)}
+        else:
+            chain = self.plan_chain(None, teacher_base, student_base, after_init)
+            chains = dict.fromkeys(range(self.seeds), chain)
         for variant in r.variants:
             spec = r.variant(variant)
             steps = list(spec["steps"])
             if variant == "rl-teacher-bridge" and r.student_rl_after_bridge:
                 steps.append("student-rl")
             for seed in range(self.seeds):
+                teachers, student_start, deps_s = chains[seed]
                 self.plan_variant(variant, spec.get("teacher"), steps, seed, teachers, student_start, deps_s, train,
                                   spec.get("data"))
         return self.ordered()
+
+    def plan_chain(self, seed: int | None, teacher_base: str, student_base: str, after_init: list[str]
+                   ) -> tuple[dict[str, tuple[str, list[str]]], str, list[str]]:
+        """The stages variants share: bootstrap SFT of both models, the teachers, their evals.
+
+        seed None (seed_scope student): once, in <root>/shared, at the trainers' default seed. A seed k
+        (seed_scope chain): in <root>/shared/seed<k>, every stage seeded with k. Returns (teachers by
+        kind: (checkpoint, jobs it needs), the student's starting checkpoint, the jobs that make it).
+        """
+        r = self.recipe
+        run_dir = self.shared if seed is None else self.shared / f"seed{seed}"
+        seeded = {} if seed is None else {"seed": seed}
+        teacher_raw, student_start, deps_t, deps_s = teacher_base, student_base, after_init, after_init
+        if r.bootstrap:
+            sft_data = r.sft_dataset or r.train_dataset
+            sft_t = self.add(run_dir=run_dir, stage="sft", name="sft-teacher",
+                             options=self.stage_options("sft", "sft-teacher", **self.split_options(self.sft_split()),
+                                                        **seeded),
+                             flags={"role": "teacher", "model": teacher_base, "dataset": sft_data, **self.data_flags()},
+                             after=after_init, seed=seed)
+            sft_s = self.add(run_dir=run_dir, stage="sft", name="sft-student",
+                             options=self.stage_options("sft", "sft-student", **self.split_options(self.sft_split()),
+                                                        **seeded),
+                             flags={"role": "student", "model": student_base, "dataset": sft_data, **self.data_flags()},
+                             after=after_init, seed=seed)
+            teacher_raw, student_start = self.final(sft_t), self.final(sft_s)
+            deps_t, deps_s = [sft_t.id], [sft_s.id]
+        teachers: dict[str, tuple[str, list[str]]] = {"raw": (teacher_raw, deps_t)}
+        train = {"dataset": r.train_dataset, **self.data_flags()}
+        wanted = {r.variant(v).get("teacher") for v in r.variants}
+        if "rl" in wanted:
+            rl = self.add(run_dir=run_dir, stage="teacher-rl", name="teacher-rl", flags={"model": teacher_raw, **train},
+                          options=self.stage_options("teacher-rl", **self.split_options("train"), **seeded),
+                          after=deps_t, seed=seed)
+            teachers["rl"] = (self.final(rl), [rl.id])
+        if "rl-half" in wanted:
+            half = self.add(run_dir=run_dir, stage="teacher-rl", name="teacher-rl-half",
+                            flags={"model": teacher_raw, **train}, after=deps_t, seed=seed,
+                            options=self.stage_options("teacher-rl", "teacher-rl-half", **self.split_options("train-a"),
+                                                       **seeded))
+            teachers["rl-half"] = (self.final(half), [half.id])
+        if "sft" in wanted:
+            sft_data = r.sft_dataset or r.train_dataset
+            control_options = self.stage_options("sft", "teacher-sft", **self.split_options(self.sft_split()), **seeded)
+            control = self.add(run_dir=run_dir, stage="sft", name="teacher-sft", options=control_options,
+                               flags={"role": "teacher", "model": teacher_raw, "dataset": sft_data, **self.data_flags()},
+                               after=deps_t, seed=seed)
+            teachers["sft"] = (self.final(control), [control.id])
+        for which, (path, deps) in teachers.items():
+            if which in wanted or which == "raw":
+                self.add_eval(run_dir, f"eval-teacher-{which}", path, "teacher", deps, None, seed)
+                self.add_heldout_eval(run_dir, f"eval-heldout-teacher-{which}", path, "teacher", deps, None, seed)
+        self.add_eval(run_dir, "eval-student-base", student_start, "student", deps_s, None, seed)
+        self.add_heldout_eval(run_dir, "eval-heldout-student-base", student_start, "student", deps_s, None, seed)
+        return teachers, student_start, deps_s
 
     def plan_variant(self, variant, teacher_kind, steps, seed, teachers, student_start, deps_s, train,
                      data: dict | None = None) -> None:
