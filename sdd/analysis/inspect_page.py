@@ -276,10 +276,7 @@ draw();
 if (args.has("hover")) {
   const [s, t] = args.get("hover").split(":");
   const span = document.querySelector('.tok[data-s="' + (+s) + '"][data-t="' + (+t) + '"]');
-  if (span) {
-    span.scrollIntoView({block: "center"});
-    span.dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
-  }
+  if (span) span.dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
 }
 </script>
 </body>
