@@ -308,6 +308,27 @@ def _parser_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(aborts), tuple(usage)
 
 
+@app.command()
+def inspect(
+    run: Annotated[Path, typer.Argument(help="Run directory holding the stage (its eval gives problems and sampling).")],
+    stage: Annotated[str | None, typer.Option(help="Warmup or distill stage to inspect (default: distill).")] = None,
+    student: Annotated[str | None, typer.Option(help="Any student checkpoint (path or hub id), with --teacher.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher checkpoint to score --student against.")] = None,
+    problems: Annotated[int, typer.Option(help="Problems to sample (the first N of the run's eval benchmark).")] = 8,
+    out: Annotated[Path | None, typer.Option(help="HTML file to write (default: RUN/analysis/inspect-<stage>.html).")] = None,
+    top_k: Annotated[int, typer.Option(help="Teacher alternatives shown on hover.")] = 5,
+    seed: Annotated[int, typer.Option(help="Sampling seed (0 draws eval's first sample).")] = 0,
+    benchmark: Annotated[str | None, typer.Option(help="Problems to sample instead of the run's eval benchmark.")] = None,
+    data_dir: DataDir = None,
+    compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also score the other bridge stage (warmup vs distill) when the run has both.")] = True,
+) -> None:
+    """One HTML page: each token of the student's samples coloured by its KL to the teacher."""
+    from sdd.stages import inspect as stage_module
+
+    stage_module.run(run, stage=stage, student=student, teacher=teacher, problems=problems, out=out, top_k=top_k,
+                     seed=seed, benchmark=benchmark, data_dir=data_dir, compare=compare)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps the exceptions a user should see to one line and an exit code."""
     from sdd.errors import EXIT_INTERRUPTED, Interrupted, SddError, StageSkipped
