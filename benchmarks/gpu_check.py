@@ -313,8 +313,9 @@ def build_run(run: Path, device: str) -> dict[str, Path]:
 def run_stages(device: str, out: Path) -> None:
     import torch
 
+    from sdd.cli import run_in_process
+    from sdd.experiment.execute import OK
     from sdd.manifest import RunDir
-    from sdd.stages.run import OK, run_in_process
 
     torch.set_num_threads(1 if device == "cpu" else torch.get_num_threads())
     root = Path(tempfile.mkdtemp(prefix="sdd-gpu-check-"))

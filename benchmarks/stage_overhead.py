@@ -46,11 +46,12 @@ def toy_rows(run: Path, model: str, fields) -> tuple[str, object, list[dict]]:
 
 def with_sdd_callbacks(trainer, out: Path, label: str, headline: tuple[str, ...]):
     """The callbacks every sdd stage adds, and its progress bar in place of transformers' printing."""
-    from sdd.stages import common
+    from sdd.train.callbacks import make_callbacks, quiet_trainer
+    from sdd.train.lifecycle import PreemptionFlag
 
-    for callback in common.make_callbacks(common.PreemptionFlag(), out, label, headline):
+    for callback in make_callbacks(PreemptionFlag(), out, label, headline):
         trainer.add_callback(callback)
-    common.quiet_trainer(trainer)
+    quiet_trainer(trainer)
     return trainer
 
 
@@ -59,13 +60,13 @@ def sft_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
     from trl import SFTConfig, SFTTrainer
 
     from sdd.models import load_causal_lm
-    from sdd.stages import common
+    from sdd.train.trainers import GuardedSFTTrainer
 
     model_path, tokenizer, rows = toy_rows(run, "teacher-base", lambda r: {"completion": r["solution"]})
     config = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32, bf16=False,
                        use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
                        logging_steps=5, disable_tqdm=True)
-    cls = common.guarded(SFTTrainer) if sdd_side else SFTTrainer
+    cls = GuardedSFTTrainer if sdd_side else SFTTrainer
     trainer = cls(model=load_causal_lm(model_path), args=config, train_dataset=Dataset.from_list(rows),
                   processing_class=tokenizer)
     return with_sdd_callbacks(trainer, out, "sft", ("loss",)) if sdd_side else trainer
@@ -76,7 +77,8 @@ def grpo_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
     from trl import GRPOConfig, GRPOTrainer
 
     from sdd.models import load_causal_lm
-    from sdd.stages import common, rl
+    from sdd.stages import rl
+    from sdd.train.trainers import GuardedGRPOTrainer
     from sdd.verify import math_reward
 
     model_path, tokenizer, rows = toy_rows(run, "student-base", lambda r: {"answer": r["answer"]})
@@ -85,7 +87,7 @@ def grpo_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
                         report_to="none", save_strategy="no", logging_steps=5, disable_tqdm=True,
                         **{k: v for k, v in rl.DEFAULTS.items() if k in ("loss_type", "epsilon", "epsilon_high", "beta")})
     reward = rl.reward_function() if sdd_side else math_reward
-    cls = common.guarded(GRPOTrainer) if sdd_side else GRPOTrainer
+    cls = GuardedGRPOTrainer if sdd_side else GRPOTrainer
     trainer = cls(model=load_causal_lm(model_path), reward_funcs=[reward], args=config,
                   train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     return with_sdd_callbacks(trainer, out, "grpo", rl.HEADLINE) if sdd_side else trainer
@@ -96,7 +98,8 @@ def distill_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
     from trl import DistillationConfig, DistillationTrainer
 
     from sdd.models import load_causal_lm
-    from sdd.stages import common, distill
+    from sdd.stages import distill
+    from sdd.train.trainers import OnPolicyDistiller
 
     student_path, tokenizer, rows = toy_rows(run, "student-base", lambda r: {})
     config = DistillationConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=16,
@@ -107,7 +110,7 @@ def distill_trainer(run: Path, steps: int, sdd_side: bool, out: Path):
     kwargs = dict(model=student, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     if not sdd_side:
         return DistillationTrainer(teacher_model=teacher, **kwargs)
-    trainer = distill.distillation_trainer(common.guarded(DistillationTrainer))(
+    trainer = OnPolicyDistiller(
         teacher_model=teacher, vocab_size=len(tokenizer), estimator="full-vocab", **kwargs)
     return with_sdd_callbacks(trainer, out, "distill", distill.HEADLINE)
 

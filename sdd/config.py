@@ -53,6 +53,53 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
     return parsed
 
 
+def help_for(options_cls, name: str) -> str:
+    """The help an options dataclass declares on its field `name` (`metadata={"help": ...}`, as TRL's configs do).
+
+    The one source of an option's help: the CLI's `--help`, `--help-config` and the docs read it here.
+    """
+    return options_cls.__dataclass_fields__[name].metadata["help"]
+
+
+def describe_fields(cls, defaults: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every field `resolve` accepts from the dataclass `cls`: name, type, default and help, in declaration order.
+
+    `defaults` are the values a stage sets before any layer (its own recipe defaults for TRL fields); a
+    field they cover shows that default, and the class's own as `class_default`.
+    """
+    defaults = defaults or {}
+    described = []
+    for name, tp in _field_types(cls).items():
+        field = cls.__dataclass_fields__[name]
+        if field.default is not dataclasses.MISSING:
+            own = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            own = field.default_factory()
+        else:
+            own = None
+        entry = {"name": name, "type": type_name(tp), "default": to_jsonable(defaults.get(name, own)),
+                 "help": " ".join(str(field.metadata.get("help", "")).split())}
+        if name in defaults and to_jsonable(own) != entry["default"]:
+            entry["class_default"] = to_jsonable(own)
+        described.append(entry)
+    return described
+
+
+def type_name(tp) -> str:
+    """A type hint as a reader writes it: `int | None`, `list[str]`, `'hf' | 'vllm'`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(arg) for arg in args)
+    if tp is type(None):
+        return "None"
+    if origin is not None:
+        inner = f"[{', '.join(type_name(arg) for arg in args)}]" if args else ""
+        return f"{getattr(origin, '__name__', str(origin))}{inner}"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}

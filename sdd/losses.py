@@ -50,6 +50,15 @@ is off (TRL's kernels then want the unsliced ZeRO Parameter; sdd.models.head_for
 exists so the formulas can be read here line for line, run in float64 (gradcheck), and keep working
 without TRL.
 
+Which runs where in training: warmup's loss (sdd.train.ForwardKLTrainer -> `divergence_loss`, beta 0) and
+distill's (sdd.train.OnPolicyDistiller -> `token_divergence`, or `selected_token_logprobs` for the
+sampled-token estimator) pass the stage option `kl_impl` (auto, trl or torch; recorded in the stage's
+resolved config) as `impl`, and record the one that ran as the metric `kl_impl`. With the default, auto,
+TRL's kernel computes the loss that trains, on CPU and on CUDA, except under DeepSpeed ZeRO-3, where this
+module's chunked torch path does; `kl_impl: torch` trains with the readable formula (`_divergence_from_logits`)
+everywhere. Both compute the same divergence: tests/test_losses.py holds TRL's kernel to the torch path.
+The held-out KL that warmup measures (sdd.agreement) and analysis take `impl="auto"`.
+
 Stats are raw detached sums plus a token count, not means: under gradient accumulation or DDP the
 right mean is sum-over-everything / count-over-everything, which only the caller can form.
 """
@@ -65,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 Impl = Literal["auto", "torch", "trl"]
+KL_IMPLS = ("auto", "trl", "torch")  # the values of the warmup/distill option `kl_impl`
 
 # fp32 bytes of one (rows, V) logits tile in the torch path. The working set is a few such tiles
 # (both models' log-probs, a product, autograd's saved tensors in backward), ~0.5 GB at 64 MB.
@@ -314,7 +324,8 @@ def _zero3_enabled() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-def _resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
+def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
+    """"trl" or "torch": who computes the vocabulary passes for these tensors when `impl` is asked for."""
     if impl not in ("auto", "torch", "trl"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'trl', got {impl!r}")
     if impl != "auto":
@@ -376,7 +387,7 @@ def token_divergence(
     teacher_hidden_NH, teacher_head_VH = teacher_hidden_NH.detach(), teacher_head_VH[:V].detach()
     teacher_bias_V = None if teacher_head_bias is None else teacher_head_bias[:V].detach()
 
-    if _resolve_impl(impl, student_hidden_NH, student_head_VH) == "trl":
+    if resolve_impl(impl, student_hidden_NH, student_head_VH) == "trl":
         from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
         return ChunkedDivergenceFunction.apply(
@@ -485,7 +496,7 @@ def selected_token_logprobs(
     """
     V = _shared_vocab(vocab_size, head_VH)
     head_VH, bias_V = head_VH[:V], _sliced(head_bias, V)
-    if _resolve_impl(impl, hidden_NH, head_VH) == "trl":
+    if resolve_impl(impl, hidden_NH, head_VH) == "trl":
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
         # positional: softcap None, logit scale 1.0, no optional outputs (entropy etc.)

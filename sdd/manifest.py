@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import socket
 import sys
 import time
@@ -50,15 +49,11 @@ def is_main_process() -> bool:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
     import sdd
+    from sdd.environment import versions
 
-    versions = {"sdd": sdd.__version__, "python": platform.python_version()}
-    for dist in ("torch", "transformers", "trl", "accelerate", "datasets", "math-verify", "vllm"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
-    return versions
+    found = versions(("torch", "transformers", "trl", "accelerate", "datasets", "math-verify", "vllm"))
+    return {"sdd": sdd.__version__, **{name: version for name, version in found.items() if version is not None}}
 
 
 def fingerprint(path: str | Path) -> str:
@@ -121,10 +116,17 @@ def _pid_alive(pid: int) -> bool:
 class StageLock:
     """Exclusive ownership of one stage of one run dir, across processes and hosts.
 
-    An O_EXCL lock file holds the owner's pid and host so a refusal can say who holds it. A lock
-    left by a dead process on this host is taken over; one from another host cannot be checked
-    from here, so the message says how to clear it once the user knows that job is gone.
+    An O_EXCL lock file holds the owner's pid, host and Slurm job id so a refusal can say who holds
+    it. A lock left by a dead process on this host is taken over. Under Slurm a requeued job keeps
+    its SLURM_JOB_ID but may land on another node, so a lock with our own job id is ours (its
+    earlier run was killed by the requeue), and a lock whose job Slurm reports finished is taken
+    over. Any other lock from another host cannot be checked from here, so the message says how to
+    clear it once the user knows that job is gone.
     """
+
+    # squeue states of a job that may still be running the stage (or will run it again, requeued).
+    SLURM_ACTIVE = {"PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
+                    "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 
     def __init__(self, path: Path):
         self.path = path
@@ -156,6 +158,8 @@ class StageLock:
     def _acquire_once(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+        if os.environ.get("SLURM_JOB_ID"):
+            me["slurm_job"] = os.environ["SLURM_JOB_ID"]
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -166,11 +170,12 @@ class StageLock:
                     if not self._owner() and self.path.exists():
                         self._break_stale(owner)
                     continue
-                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                if self._stale(owner, me):
                     self._break_stale(owner)
                     continue
+                job = f" (Slurm job {owner['slurm_job']})" if owner.get("slurm_job") else ""
                 raise SddError(
-                    f"{self.path.stem} is being run by pid {owner.get('pid')} on {owner.get('host')} "
+                    f"{self.path.stem} is being run by pid {owner.get('pid')} on {owner.get('host')}{job} "
                     f"since {owner.get('since')}; wait for it, or if that job is dead remove {self.path}"
                 ) from None
             except OSError as err:
@@ -180,6 +185,33 @@ class StageLock:
             self.held = True
             return
         raise SddError(f"could not take {self.path}; another process keeps recreating it")
+
+    def _stale(self, owner: dict, me: dict) -> bool:
+        same_host = owner.get("host") == me["host"]
+        alive_here = same_host and _pid_alive(int(owner.get("pid", -1)))
+        if same_host and not alive_here:
+            return True
+        if owner.get("slurm_job") and owner.get("slurm_job") == me.get("slurm_job"):
+            return not alive_here  # our own job before its requeue, unless a live process of it holds the lock
+        return bool(owner.get("slurm_job")) and self.slurm_job_finished(str(owner["slurm_job"]))
+
+    @classmethod
+    def slurm_job_finished(cls, job_id: str) -> bool:
+        """Whether Slurm says the job ended: squeue shows its final state, or no longer knows it.
+
+        False when Slurm cannot be asked (no squeue here, controller down): then nobody can tell.
+        """
+        import subprocess
+
+        try:
+            done = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "all", "-o", "%T"], capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if done.returncode != 0:
+            return "invalid job id" in (done.stderr + done.stdout).lower()  # purged: it ended a while ago
+        states = done.stdout.split()
+        return bool(states) and not any(state in cls.SLURM_ACTIVE for state in states)
 
     def _break_stale(self, owner: dict) -> None:
         # Rename first: of several processes breaking the same stale lock, exactly one rename succeeds.
@@ -273,6 +305,7 @@ class StageRecord:
     attempts: int = 1
     command: list[str] = dataclasses.field(default_factory=list)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # sdd.environment.capture()
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     inputs: dict[str, Input] = dataclasses.field(default_factory=dict)
     outputs: dict[str, Output] = dataclasses.field(default_factory=dict)
@@ -458,19 +491,6 @@ class RunDir:
                         return other.checkpoint(entry.from_stage, record, out_role)
         return None
 
-    def newest_output(self, role: str, exclude: str | None = None) -> tuple[str, dict] | None:
-        """The old interface: (stage name, output entry) of the newest finished checkpoint for a role.
-
-        New code calls `newest`, which also resolves the path and takes `prefer`.
-        """
-        best = None
-        for name, record in self.stages().items():
-            if name == exclude or record.get("status") != "done" or role not in record.get("outputs", {}):
-                continue
-            if best is None or record.get("done_seq", 0) > best[0]:
-                best = (record.get("done_seq", 0), name, record["outputs"][role])
-        return (best[1], best[2]) if best else None
-
     def resolve_path(self, stored: str, *, user_named: bool = False) -> Path:
         """A path recorded in the manifest, confined to this run dir.
 
@@ -542,12 +562,14 @@ class RunDir:
     def begin(self, name: str, *, stage: str, role: str | None, config: dict, inputs: dict) -> None:
         """Record that stage `name` started (status "running"); `inputs` are input entries (Input.to_json)."""
 
+        from sdd import environment
+
         def change(data: dict) -> None:
             previous = data["stages"].get(name, {})
             record = StageRecord(
                 name=name, stage=stage, role=role, status="running", started_at=now_iso(), ended_at=None,
                 host=socket.gethostname(), pid=os.getpid(), attempts=previous.get("attempts", 0) + 1,
-                command=sys.argv, versions=library_versions(), config=config,
+                command=sys.argv, versions=library_versions(), environment=environment.capture(), config=config,
                 inputs={key: Input.from_json(entry) for key, entry in inputs.items()}, outputs={},
                 # an interrupted stage resumes: its metrics so far (e.g. the "before" of a before/after) stay
                 metrics=previous.get("metrics", {}) if previous.get("status") == "interrupted" else {},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from sdd.errors import SddError
 
@@ -64,6 +65,33 @@ def check_reference(name: str, *, trust_remote_code: bool = False) -> None:
             raise SddError(f"model {name} has only pickled weights ({pickled[0]}); sdd loads safetensors only - "
                            "convert it once where you trust the file (from_pretrained, then save_pretrained)")
         raise SddError(f"model {name} has no *.safetensors weights; point at a saved model directory")
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise SddError(f"model {name}: {weights} is cut short or corrupt ({problem}); restore it, or rerun the "
+                           "stage that wrote it")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole, e.g. "model.safetensors 1234 of 5678 bytes"; None when it is.
+
+    A safetensors file is an 8-byte header length, a JSON header giving every tensor's byte range, then the
+    bytes: so its full size is known from its first bytes, and a file cut short (a copy or a write that did
+    not finish, a node lost under a network filesystem) shows without reading the tensors.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else None
+            if length is None or size < 8 + length:
+                return f"{path.name} {size} bytes, cut inside its header"
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        return f"{path.name} has no readable header: {_first_line(err)}"
+    expected = 8 + length + end
+    return f"{path.name} {size} of {expected} bytes" if size < expected else None
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
@@ -161,6 +189,29 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher_config, stud
             f"lm_head sizes do not cover the tokenizer: teacher {t_rows}, student {s_rows} rows for {tokens} tokens"
         )
     return tokens
+
+
+class TokenizerPair(NamedTuple):
+    teacher: Any
+    student: Any
+    vocab_size: int  # the rows both heads are sliced to (shared_vocab_size)
+
+
+def load_pair(teacher: str, student: str, *, trust_remote_code: bool = False) -> TokenizerPair:
+    """Both tokenizers of a teacher/student pair and the vocabulary their heads share, checked before any weights load.
+
+    warmup and distill compare the two models token by token, so both start here: a pair that does not
+    share a tokenizer fails in seconds with one line, not after the teacher has sampled for an hour.
+    """
+    from transformers import AutoConfig
+
+    teacher_tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    student_tokenizer = load_tokenizer(student, trust_remote_code=trust_remote_code)
+    vocab_size = shared_vocab_size(
+        teacher_tokenizer, student_tokenizer, AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code),
+        AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code),
+    )
+    return TokenizerPair(teacher_tokenizer, student_tokenizer, vocab_size)
 
 
 # -- engines: what a loss may read from a model that DeepSpeed ZeRO-3 or FSDP2 holds in shards ------

@@ -12,3 +12,8 @@ import re
 def slug(text: str) -> str:
     """`text` as a file-name-safe token: runs of anything but letters, digits, '.', '_' and '-' become one '-'."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+# The run dir under an experiment's root that holds the stages its variants share (`sdd run`'s layout:
+# <root>/shared, and with seed_scope chain <root>/shared/seed<k>); the planner, the report and analysis read it.
+SHARED_DIR = "shared"

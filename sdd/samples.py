@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sdd.manifest import atomic_write_text
@@ -57,19 +57,22 @@ def header(provenance: dict, **extra) -> dict:
     return {"provenance": provenance, **extra}
 
 
-def read(path: Path, provenance: dict) -> list[dict] | None:
+def read(path: Path, provenance: dict, **extra) -> list[dict] | None:
     """The rows of the finished sample file at `path` if its header's provenance is `provenance`; else None.
 
-    None also for a missing or damaged file: either way the caller samples again and rewrites it.
+    Header keys named in `extra` must match too (a shard file's place among the shards); others are
+    not compared. None also for a missing or damaged file: either way the caller samples again and
+    rewrites it.
     """
     if not path.is_file():
         return None
     lines = path.read_text(encoding="utf-8").splitlines()
     try:
-        if not lines or json.loads(lines[0]).get("provenance") != provenance:
+        found = json.loads(lines[0]) if lines else None
+        if not isinstance(found, dict) or any(found.get(k) != v for k, v in header(provenance, **extra).items()):
             return None
         return [json.loads(line) for line in lines[1:]]
-    except (ValueError, AttributeError):  # torn or hand-edited: not what its header promises
+    except ValueError:  # torn or hand-edited: not what its header promises
         return None
 
 
@@ -86,6 +89,11 @@ def write(path: Path, provenance: dict, sample_rows: Iterable[dict], **extra) ->
     atomic_write_text(path, text)
 
 
+def partial_path(path: Path) -> Path:
+    """Where the sample file `path` is written until it is finished."""
+    return path.with_name(path.name + ".partial")
+
+
 class Partial:
     """A sample file being written batch by batch, which a killed job resumes: `<path>.partial` until finished.
 
@@ -98,16 +106,18 @@ class Partial:
 
     def __init__(self, path: Path, provenance: dict, **extra):
         self.path = Path(path)
-        self.file = self.path.with_name(self.path.name + ".partial")
+        self.file = partial_path(self.path)
         self.header = header(provenance, **extra)
 
-    def resume(self, whole: int = 1) -> list[dict]:
-        """Rows of a partial file with this header, in whole groups of `whole` rows; start it afresh otherwise.
+    def resume(self, whole: int | Sequence[int] = 1, *, writer: bool = True) -> list[dict]:
+        """Rows of a partial file with this header, in whole groups; start it afresh otherwise.
 
-        A line without its newline is the one being written when the job died, and a torn line ends
-        what is kept. Whole groups only: a caller that seeds each batch by where it starts then
-        samples exactly what an uninterrupted run would have. The torn tail is cut in place;
-        rewriting the file would risk the rows already sampled.
+        `whole` is the size of every group, or the sizes of the groups in order (the last may be
+        smaller, or a group empty). A line without its newline is the one being written when the job
+        died, and a torn line ends what is kept. Whole groups only: a caller that seeds each batch by
+        where it starts then samples exactly what an uninterrupted run would have. The torn tail is
+        cut in place; rewriting the file would risk the rows already sampled. A reader that shares the
+        file with the process writing it (`writer=False`) leaves the file as it is.
         """
         done: list[dict] = []
         kept_bytes = 0
@@ -123,12 +133,13 @@ class Partial:
                     except ValueError:
                         break
                     ends.append(ends[-1] + len(line))
-                del done[len(done) // whole * whole:]
+                del done[_whole_groups(len(done), whole):]
                 kept_bytes = ends[len(done)]
-        if kept_bytes:
-            os.truncate(self.file, kept_bytes)
-        else:
-            atomic_write_text(self.file, json.dumps(self.header) + "\n")
+        if writer:
+            if kept_bytes:
+                os.truncate(self.file, kept_bytes)
+            else:
+                atomic_write_text(self.file, json.dumps(self.header) + "\n")
         return done
 
     def append(self) -> _Appender:
@@ -136,6 +147,18 @@ class Partial:
 
     def finish(self) -> None:
         os.replace(self.file, self.path)
+
+
+def _whole_groups(rows: int, whole: int | Sequence[int]) -> int:
+    """How many of `rows` rows fill whole groups."""
+    if isinstance(whole, int):
+        return rows // whole * whole
+    kept = 0
+    for size in whole:
+        if kept + size > rows:
+            break
+        kept += size
+    return kept
 
 
 class _Appender:

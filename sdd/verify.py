@@ -5,7 +5,8 @@ math-verify's own `signal.alarm` timeouts raise ValueError), and daemonic DataLo
 `multiprocessing` may not start children). sympy can spend minutes inside one C-level big-integer
 operation that no signal interrupts, so the judging happens in child processes started with
 `subprocess` (allowed from daemonic processes) and killed when an item passes its deadline; that item
-scores 0 and the rest of the batch goes on in a fresh child. See `sdd._verify_worker`.
+scores 0 and the rest of the batch goes on in a fresh child. This module is the answer policy; the
+children are `sdd.verify_pool` (the pool) and `sdd._verify_worker` (one child).
 
 Most verdicts never reach a child: an answer and a gold that are both plain rationals (12, 27.0,
 \frac{3}{4}, 3/4) are compared exactly in Python, which is math-verify's own verdict for them (all of
@@ -60,24 +61,14 @@ of sympy), paid on first use and after each kill. Pathological answers return in
 
 from __future__ import annotations
 
-import atexit
-import json
-import logging
 import math
 import os
 import re
-import select
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Sequence
 from fractions import Fraction
-from pathlib import Path
 
+from sdd import verify_pool
 from sdd.errors import SddError
-
-logger = logging.getLogger(__name__)
 
 
 def _timeout_from_env() -> float:
@@ -96,16 +87,12 @@ def _timeout_from_env() -> float:
 VERIFY_TIMEOUT_S: float = _timeout_from_env()
 """Wall-clock bound on judging one answer (env SDD_VERIFY_TIMEOUT_S, default 3 s)."""
 
+VERIFY_WORKERS: int = verify_pool.size_from_env()
+"""Verification child processes per Python process (env SDD_VERIFY_WORKERS; default cpus // 4, 1-4)."""
+
 MAX_ANSWER_CHARS = 1000
 """Boxed answers longer than this score 0 unparsed: no real answer is that long, and parsing cost grows
 with length (a 5,000-level \\frac nest takes seconds just to tokenise)."""
-
-WORKER_START_TIMEOUT_S = 60.0
-"""Importing sympy takes ~0.5 s idle, but far longer on a 2-core machine shared with training."""
-
-# Share of the deadline the child spends before giving up on its own; it then answers "not
-# equivalent" without being killed, which saves the ~0.5 s restart for slow-but-Python-level work.
-_SOFT_BUDGET_SHARE = 0.8
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # An escaped character (so \{ and \} are not grouping braces, and \\ is one unit) or a brace.
@@ -120,7 +107,6 @@ _PLAIN_RATIONAL = re.compile(
     r"|(?P<slash_numerator>\d{1,300})\s*/\s*(?P<slash_denominator>\d{1,300})"
     r")"
 )
-_GOLD_PARSES_MAX = 100_000
 # Words and letters written as text; their content (no braces inside) is what counts.
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textrm|textit|textsf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 # Spacing a model puts between words or between a number and its unit.
@@ -342,245 +328,24 @@ def _compare_as_words(answer: str, gold: str) -> bool | None:
     return None
 
 
-# ---- the child processes ------------------------------------------------------------------------
-
-_lock = threading.Lock()
-# One slot per child; None until needed (or after a kill). Owned by the process that created them.
-_workers: list[_Worker | None] = []
 # gold -> whether math-verify parsed it, as a child reported; enables the identical-string path.
 _gold_parses: dict[str, bool] = {}
-# Children inherited through fork() belong to the parent process: never written to, killed or closed
-# here (closing could free descriptors the parent still uses); kept referenced so garbage collection
-# does not touch them either.
-_inherited_workers: list[_Worker] = []
-
-
-class _Worker:
-    """One `python -m sdd._verify_worker` child speaking JSON lines; at most one item in flight.
-
-    Nothing here blocks: the caller's event loop polls `fd`, so one slow start or slow item never
-    stalls the deadlines of the others.
-    """
-
-    def __init__(self) -> None:
-        package_parent = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        # The child must import this same sdd even when it runs from a checkout, not an install.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-        soft_budget_s = VERIFY_TIMEOUT_S * _SOFT_BUDGET_SHARE
-        self.owner_pid = os.getpid()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "sdd._verify_worker", repr(soft_budget_s)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-            env=env,
-            close_fds=True,
-        )
-        self.fd = self.process.stdout.fileno()
-        self.ready = False
-        self.started_at = time.monotonic()
-        self._pending = bytearray()
-
-    def send(self, answer: str, gold: str) -> bool:
-        """Write one request; False when the child is gone."""
-        # ASCII-only JSON: the child decodes stdin with its locale's encoding, whatever that is.
-        request = json.dumps({"a": answer, "g": gold}).encode("ascii") + b"\n"
-        try:
-            # The idle child reads whole lines, so this completes even past the pipe's capacity.
-            written = 0
-            while written < len(request):
-                written += os.write(self.process.stdin.fileno(), request[written:])
-        except OSError:
-            return False
-        return True
-
-    def read_lines(self) -> list[bytes] | None:
-        """The complete lines now readable (after poll said so); None at EOF (the child exited)."""
-        chunk = os.read(self.fd, 65536)
-        if not chunk:
-            return None
-        self._pending += chunk
-        *lines, rest = self._pending.split(b"\n")
-        self._pending = bytearray(rest)
-        return lines
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.process.stdin.close()
-        self.process.stdout.close()
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _pool_size_from_env() -> int:
-    raw = os.environ.get("SDD_VERIFY_WORKERS")
-    if raw is None or raw.strip() == "":
-        # math-verify needs 3-15 ms of CPU per new LaTeX answer, so children are the throughput; but a
-        # trainer shares the machine, so take at most a quarter of it, and 4 at most per process
-        # (a DDP job runs one pool per rank).
-        return max(1, min(4, _usable_cpus() // 4))
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise SddError(f"SDD_VERIFY_WORKERS must be a whole number >= 1, got {raw!r}")
-    return int(raw)
-
-
-VERIFY_WORKERS: int = _pool_size_from_env()
-"""Verification child processes per Python process (env SDD_VERIFY_WORKERS; default cpus // 4, 1-4)."""
-
-
-def _claim_workers() -> None:
-    """Forget children another process made (we are a fork) and size the pool to VERIFY_WORKERS."""
-    for slot, worker in enumerate(_workers):
-        if worker is not None and worker.owner_pid != os.getpid():
-            _inherited_workers.append(worker)
-            _workers[slot] = None
-    while len(_workers) > VERIFY_WORKERS:
-        worker = _workers.pop()
-        if worker is not None:
-            worker.kill()
-    _workers.extend([None] * (VERIFY_WORKERS - len(_workers)))
-
-
-def _discard_worker(slot: int | None = None) -> None:
-    """Kill one child (or all): the next batch starts fresh ones."""
-    slots = range(len(_workers)) if slot is None else [slot]
-    for index in slots:
-        worker = _workers[index]
-        if worker is not None and worker.owner_pid == os.getpid():
-            worker.kill()
-        _workers[index] = None
+_GOLD_PARSES_MAX = 100_000
 
 
 def _judge_in_worker(pairs: Sequence[tuple[str, str]]) -> list[bool]:
-    """math-verify's verdict on each (answer, gold); an item that misses its deadline is False.
+    """math-verify's verdict on each (answer, gold) from the pool; an item that misses its deadline is False.
 
-    An event loop over the pool: each idle child gets the next item with a deadline of
-    VERIFY_TIMEOUT_S from when it was sent; a child that misses it, or exits, is killed, its item
-    scores 0, and a fresh child takes its slot for the items still queued.
+    The bound and the pool size are read here, at call time, so a change to VERIFY_TIMEOUT_S or
+    VERIFY_WORKERS applies to the next batch.
     """
-    verdicts = [False] * len(pairs)
-    with _lock:
-        _claim_workers()
-        queued = list(range(len(pairs)))[::-1]  # popped from the end: first item first
-        resent: set[int] = set()
-        # slot -> (item index, or None while the child starts; deadline)
-        busy: dict[int, tuple[int | None, float]] = {}
-        active_slots = range(min(VERIFY_WORKERS, len(pairs)))
-        try:
-            while queued or busy:
-                for slot in active_slots:
-                    if slot in busy or not queued:
-                        continue
-                    worker = _workers[slot]
-                    if worker is not None and worker.process.poll() is not None:
-                        _discard_worker(slot)  # died between batches
-                        worker = None
-                    if worker is None:
-                        worker = _workers[slot] = _Worker()
-                    if not worker.ready:
-                        busy[slot] = (None, worker.started_at + WORKER_START_TIMEOUT_S)
-                        continue
-                    index = queued.pop()
-                    if worker.send(*pairs[index]):
-                        busy[slot] = (index, time.monotonic() + VERIFY_TIMEOUT_S)
-                        continue
-                    # The child was gone before it read this item: not the item's fault, so one more try.
-                    _discard_worker(slot)
-                    if index not in resent:
-                        resent.add(index)
-                        queued.append(index)
-                if busy:
-                    _wait_for_replies(pairs, verdicts, busy)
-        except BaseException:
-            # A child still holding an item would answer the NEXT batch's first request with this
-            # batch's verdict; kill it (Ctrl-C, a start-up failure elsewhere in the pool).
-            for slot in busy:
-                _discard_worker(slot)
-            raise
-    return verdicts
-
-
-def _wait_for_replies(pairs, verdicts: list[bool], busy: dict[int, tuple[int | None, float]]) -> None:
-    poller = select.poll()  # poll, not select: a trainer can hold more than FD_SETSIZE descriptors
-    fd_slots = {}
-    for slot in busy:
-        fd_slots[_workers[slot].fd] = slot
-        poller.register(_workers[slot].fd, select.POLLIN)
-    wait_s = min(deadline for _, deadline in busy.values()) - time.monotonic()
-    for fd, _event in poller.poll(max(0, math.ceil(wait_s * 1000))):
-        slot = fd_slots[fd]
-        worker = _workers[slot]
-        index, _deadline = busy[slot]
-        lines = worker.read_lines()
-        if lines is None:  # EOF: the child exited (crash, rlimit)
-            del busy[slot]
-            _discard_worker(slot)
-            if index is None:
-                raise SddError(
-                    f"the answer-verification process exited during start-up (code {worker.process.returncode}); "
-                    f"check that `{sys.executable} -m sdd._verify_worker` runs (it needs math-verify and sympy)"
-                )
-            logger.warning(
-                "the verifier process exited while judging one answer; scored 0 (%r)", pairs[index][0][:80]
-            )
-            continue
-        if not lines:
-            continue  # part of a line so far
-        # One request in flight per child, so one reply (or the start-up line) per wake-up.
-        del busy[slot]
-        try:
-            reply = json.loads(lines[0])
-        except ValueError:
-            reply = {}  # not our protocol: treat like a crash
-        if not isinstance(reply, dict) or (index is not None and "ok" not in reply):
-            _discard_worker(slot)
-            continue
-        if index is None:
-            worker.ready = bool(reply.get("ready"))
-            continue
-        verdicts[index] = bool(reply["ok"])
-        if reply.get("gold_ok") is not None:
+    verdicts = []
+    for (_answer, gold), (equivalent, gold_ok) in zip(
+        pairs, verify_pool.judge(pairs, timeout_s=VERIFY_TIMEOUT_S, workers=VERIFY_WORKERS), strict=True
+    ):
+        verdicts.append(equivalent)
+        if gold_ok is not None:
             if len(_gold_parses) >= _GOLD_PARSES_MAX:
                 _gold_parses.clear()
-            _gold_parses[pairs[index][1]] = bool(reply["gold_ok"])
-    now = time.monotonic()
-    for slot, (index, deadline) in list(busy.items()):
-        if now < deadline:
-            continue
-        del busy[slot]
-        _discard_worker(slot)
-        if index is None:
-            raise SddError(
-                f"the answer-verification process did not start within {WORKER_START_TIMEOUT_S:.0f} s; "
-                f"check that `{sys.executable} -m sdd._verify_worker` runs"
-            )
-        logger.warning(
-            "verifying one answer took over %.1f s (SDD_VERIFY_TIMEOUT_S); scored 0 and restarted "
-            "that verifier process (answer starts %r)",
-            VERIFY_TIMEOUT_S,
-            pairs[index][0][:80],
-        )
-
-
-def _after_fork_in_child() -> None:
-    # Another thread may have held the lock at fork time; in the child nobody would ever release it.
-    global _lock
-    _lock = threading.Lock()
-    _claim_workers()
-
-
-def _kill_all_at_exit() -> None:
-    for slot in range(len(_workers)):
-        _discard_worker(slot)
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_kill_all_at_exit)
+            _gold_parses[gold] = gold_ok
+    return verdicts

@@ -67,8 +67,9 @@ TINY = {
 
 
 def sdd(*argv: str) -> None:
-    """One stage in-process through the real CLI parser (what `sdd run` does too)."""
-    from sdd.stages.run import OK, SKIPPED, run_in_process
+    """One stage in-process through the real CLI parser (`sdd run` hands a stage the same StageArgs directly)."""
+    from sdd.cli import run_in_process
+    from sdd.experiment.execute import OK, SKIPPED
 
     outcome, message = run_in_process([str(a) for a in argv])
     assert outcome in (OK, SKIPPED), message

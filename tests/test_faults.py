@@ -65,7 +65,8 @@ EVAL = ["--benchmark", "toy-test", "--samples", "4", "--seeds", "1", "--limit", 
 
 # -- running stages ---------------------------------------------------------------------------------
 def in_process(*argv) -> None:
-    from sdd.stages.run import OK, SKIPPED, run_in_process
+    from sdd.cli import run_in_process
+    from sdd.experiment.execute import OK, SKIPPED
 
     outcome, message = run_in_process([str(a) for a in argv])
     assert outcome in (OK, SKIPPED), message
@@ -287,6 +288,55 @@ def test_warmup_teacher_sampling_stops_on_sigterm_and_resumes_from_its_partial_f
     assert (run / "warmup" / "teacher-samples.jsonl").read_bytes() == (ref / "warmup" / "teacher-samples.jsonl").read_bytes()
     assert_same_as_reference(stage, run, ref, {"stage": stage, "signal": "SIGTERM during sampling",
                                                "partial_rows": len(rows)}, evaluate_it=False)
+
+
+# -- torn files -------------------------------------------------------------------------------------
+def test_torn_checkpoint_is_passed_over_for_the_previous_complete_one(request, tmp_path, tmp_path_factory):
+    """What a network filesystem can leave after a node fails: the newest checkpoint's weights cut in half while
+    its trainer_state.json is intact. Each checkpoint records its files' sizes and fingerprints last
+    (sdd-complete.json); the rerun reports the torn one in one line, resumes from the one before it and says
+    so, and ends where an uninterrupted run does."""
+    stage = "sft"
+    ref = reference(stage, request, tmp_path_factory)
+    run = prepare(stage, request, tmp_path)
+    out = tmp_path / "output.txt"
+    process = start(stage, run, out)
+    wait_for_step(process, run, stage, 5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 75, out.read_text()[-3000:]
+    saved = sorted((int(p.name.split("-")[1]), p) for p in (run / "sft-student").glob("checkpoint-*"))
+    assert len(saved) == 2 and all((p / "sdd-complete.json").is_file() for _, p in saved), saved
+    (older, _), (newest, newest_dir) = saved
+    torn = newest_dir / "model.safetensors"
+    size = torn.stat().st_size
+    os.truncate(torn, size // 2)
+    assert (newest_dir / "trainer_state.json").is_file()
+    before = out.read_text()
+    assert finish(stage, run, out) == 0, out.read_text()[-3000:]
+    rerun = out.read_text()[len(before):]
+    assert (f"checkpoint-{newest} is torn (model.safetensors {size // 2} of {size} bytes); "
+            f"resuming from checkpoint-{older}\n") in rerun, rerun[-3000:]
+    assert f"sft-student: resuming from checkpoint-{older}\n" in rerun, rerun[-3000:]
+    assert_same_as_reference(stage, run, ref, {"stage": stage, "signal": "SIGTERM, then torn weights",
+                                               "resumed_from": older}, evaluate_it=False)
+
+
+def test_corrupt_input_model_exits_2_naming_the_file(toy_run, tmp_path):
+    """A model given by --model whose weights file is cut short stops the stage before anything is recorded,
+    with one line naming the file and how much of it is there (it was a safetensors traceback, exit 1)."""
+    model = tmp_path / "student"
+    shutil.copytree(toy_run / "toy" / "student-base", model)
+    weights_file = model / "model.safetensors"
+    size = weights_file.stat().st_size
+    os.truncate(weights_file, size // 2)
+    manifest = (toy_run / "manifest.json").read_bytes()
+    result = subprocess.run([sys.executable, "-m", "sdd", "sft", "--run", str(toy_run), "--role", "student",
+                             "--model", str(model)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: model {model}: {weights_file} is cut short or corrupt (model.safetensors {size // 2} of {size} "
+        "bytes); restore it, or rerun the stage that wrote it"], result.stderr
+    assert (toy_run / "manifest.json").read_bytes() == manifest  # nothing was recorded as run
 
 
 # -- concurrent writers -----------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_lock_from_other_host_is_not_broken(tmp_path):
         StageLock(lock_path).acquire()
 
 
-def test_newest_output_and_paths(tmp_path):
+def test_newest_and_paths(tmp_path):
     run = RunDir(tmp_path / "run")
     for name in ("sft-teacher", "teacher-rl"):
         out = run.path / name / "final"
@@ -102,10 +102,10 @@ def test_newest_output_and_paths(tmp_path):
         (out / "model.safetensors").write_bytes(name.encode())
         run.begin(name, stage=name, role="teacher", config={}, inputs={})
         run.end(name, "done", outputs={"teacher": run.output_entry(out)})
-    stage, entry = run.newest_output("teacher")
-    assert stage == "teacher-rl" and entry["path"] == "teacher-rl/final"
-    assert run.newest_output("teacher", exclude="teacher-rl")[0] == "sft-teacher"
-    assert run.newest_output("student") is None
+    newest = run.newest("teacher")
+    assert newest.stage == "teacher-rl" and run.relative(newest.path) == "teacher-rl/final"
+    assert run.newest("teacher", exclude="teacher-rl").stage == "sft-teacher"
+    assert run.newest("student") is None
     with pytest.raises(SddError, match="outside the run dir"):
         run.resolve_path("../../etc")
 
@@ -127,7 +127,7 @@ def test_fingerprint_sees_changes(tmp_path):
 # Typed records: begin/end build them, the JSON on disk keeps its keys, readers get dataclasses.
 
 RECORD_KEYS = ["name", "stage", "role", "status", "started_at", "ended_at", "host", "pid", "attempts", "command",
-               "versions", "config", "inputs", "outputs", "metrics"]
+               "versions", "environment", "config", "inputs", "outputs", "metrics"]
 
 
 def _checkpoint(run: RunDir, name: str, content: bytes):
@@ -184,7 +184,6 @@ def test_checkpoint_resolution_newest_output_of_follow_index(tmp_path):
     assert run.newest("student", exclude="distill").stage == "warmup"
     assert run.newest("student", prefer=("warmup", "sft-student")).stage == "warmup"
     assert run.newest("teacher") is None
-    assert run.newest_output("student")[0] == newest.stage  # the old interface agrees
     assert run.output_of("warmup").path == (run.path / "warmup" / "final").resolve()
     assert recorded_checkpoint(run.path / "warmup" / "final").stage == "warmup"
 

@@ -41,7 +41,7 @@ LAUNCH = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_
 IN_PROCESS = textwrap.dedent("""
     import os, sys
     import torch.distributed as dist
-    from sdd.stages.run import run_in_process
+    from sdd.cli import run_in_process
     outcome, message = run_in_process(sys.argv[1:])
     print(f"rank {os.environ['RANK']}: {outcome} {message} process_group_alive={dist.is_initialized()}", flush=True)
     sys.exit(0 if outcome in ("ok", "skipped") else 1)

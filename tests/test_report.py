@@ -42,10 +42,10 @@ def train_stage(run: RunDir, name: str, kind: str, inputs: dict, content: str) -
             "fingerprint": output["fingerprint"]}
 
 
-def eval_stage_with(run: RunDir, model: dict, correct_by_seed: dict[int, np.ndarray]) -> None:
+def eval_stage_with(run: RunDir, model: dict, correct_by_seed: dict[int, np.ndarray], stage: str = "eval") -> None:
     """An eval stage: samples-seed<j>.jsonl for every eval seed, metrics from eval's own summarize."""
     run.create()
-    name = f"eval-{BENCH}"
+    name = f"{stage}-{BENCH}"
     run.begin(name, stage="eval", role="student", config={}, inputs={"model": model})
     (run.path / name).mkdir(exist_ok=True)
     per_seed = {}
@@ -133,7 +133,7 @@ def test_shared_checkpoint_per_seed_is_paired_and_narrows_the_ci(tmp_path):
     assert shared["hi"] < 0 and independent["lo"] < 0 < independent["hi"]
     written = (tmp_path / "report" / "report.md").read_text()
     assert "| no-distill − rl-teacher-bridge | toy-test |" in written
-    assert "paired (shared checkpoint per seed)" in written and "| independent |" in written
+    assert "| student seeds paired (shared checkpoint per seed) |" in written and "| student seeds independent |" in written
 
 
 def test_a_missing_eval_seed_file_is_named(tmp_path):

@@ -49,3 +49,27 @@ def test_partial_file_resumes_whole_batches_after_a_real_kill(tmp_path):
     other = samples.Partial(path, {"teacher": "u"})
     other.file.write_text(json.dumps({"provenance": {"teacher": "t"}}) + "\n" + json.dumps({"i": 0}) + "\n")
     assert other.resume(whole=1) == [] and other.file.read_text() == json.dumps({"provenance": {"teacher": "u"}}) + "\n"
+
+
+def test_partial_resumes_whole_groups_of_uneven_sizes_and_a_reader_leaves_the_file_alone(tmp_path):
+    """Warmup's shards: groups of 3, 3 and 1 rows (a rank's positions in chunks of 5, 5 and 2); a torn row
+    of the second group keeps only the first. A tensor-parallel peer (writer=False) reads the same rows
+    and changes nothing; an extra header key (the shard) must match too."""
+    path = tmp_path / "s.jsonl.shard1-of-2"
+    partial = samples.Partial(path, {"teacher": "t"}, shard=[1, 2])
+    assert partial.resume(whole=[3, 3, 1]) == []
+    with partial.append() as out:
+        out.write_rows([{"i": i} for i in range(5)])
+    before = partial.file.read_bytes()
+    assert samples.Partial(path, {"teacher": "t"}, shard=[1, 2]).resume(whole=[3, 3, 1], writer=False) == [
+        {"i": i} for i in range(3)]
+    assert partial.file.read_bytes() == before
+    assert partial.resume(whole=[3, 3, 1]) == [{"i": i} for i in range(3)]
+    assert len(partial.file.read_text().splitlines()) == 1 + 3
+    assert samples.Partial(path, {"teacher": "t"}, shard=[0, 2]).resume(whole=[3, 3, 1], writer=False) == []
+    with partial.append() as out:
+        out.write_rows([{"i": i} for i in range(3, 7)])
+    partial.finish()
+    assert samples.read(path, {"teacher": "t"}, shard=[1, 2]) == [{"i": i} for i in range(7)]
+    assert samples.read(path, {"teacher": "t"}, shard=[0, 2]) is None
+    assert samples.read(path, {"teacher": "t"}) == [{"i": i} for i in range(7)]  # keys not asked for are not compared

@@ -2,7 +2,7 @@
 the one-process run: DDP, DeepSpeed ZeRO-3, and FSDP2.
 
 What each run must show, besides exiting 0:
-- the engine engaged. Each rank prints one `sdd engine:` line at train begin (common.engine_check_callback)
+- the engine engaged. Each rank prints one `sdd engine:` line at train begin (sdd.train.callbacks.EngineCheck)
   read from its own parameters after the engine prepared them: ZeRO-3 leaves every parameter a
   `ds_tensor` partition (`local_elements` about half of `full_elements` on 2 ranks), FSDP2 a DTensor
   shard, DDP the whole model. A line from inside each rank, not the launcher's exit code: a config

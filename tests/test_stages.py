@@ -263,6 +263,21 @@ def test_sampled_token_distill_runs(boot_run):
     assert metrics["steps"] == 2 and "reverse_kl" in metrics
 
 
+def test_distill_kl_impl_names_the_loss_that_trains(boot_run):
+    """`kl_impl` picks who computes the loss: by default TRL's kernel (here, on CPU), with `torch` sdd's readable
+    formula. Both are recorded (option in the config, what ran in the metrics) and give the same first-step KL:
+    at step 1 the weights and the student's rollouts are the same, only the implementation differs."""
+    pair = ("--teacher", boot_run / "sft-teacher" / "final", "--student", boot_run / "sft-student" / "final")
+    sdd("distill", "--run", boot_run, "--name", "distill-auto", *pair, "--set", "max_steps=1")
+    sdd("distill", "--run", boot_run, "--name", "distill-torch", *pair, "--set", "max_steps=1", "--set", "kl_impl=torch")
+    auto, torch_ = (RunDir(boot_run).stage(name) for name in ("distill-auto", "distill-torch"))
+    assert auto["config"]["sdd"]["kl_impl"] == "auto" and auto["metrics"]["kl_impl"] == "trl"
+    assert torch_["config"]["sdd"]["kl_impl"] == "torch" and torch_["metrics"]["kl_impl"] == "torch"
+    assert torch_["metrics"]["reverse_kl_first"] == pytest.approx(auto["metrics"]["reverse_kl_first"], rel=1e-4)
+    result = sdd_process("distill", "--run", boot_run, "--name", "distill-bad", "--set", "kl_impl=cuda")
+    assert result.returncode == 2 and result.stderr.strip() == "error: kl_impl must be one of auto, trl, torch, not 'cuda'"
+
+
 def test_preflight_refuses_another_tokenizer(boot_run, tmp_path):
     """A teacher whose tokenizer differs must stop before any forward pass, with exit 2 and one line."""
     from sdd.toy import ToySpec, build_model, build_tokenizer

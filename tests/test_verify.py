@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import sdd.verify as verify_module
+import sdd.verify_pool as verify_pool
 from sdd.errors import SddError
 from sdd.verify import (
     MAX_ANSWER_CHARS,
@@ -53,11 +54,11 @@ def boxed(answer: str) -> str:
 def short_timeout(monkeypatch):
     """A 1 s bound so pathological items cost ~1 s each, one child unless a test asks for more;
     children are restarted to pick the settings up."""
-    verify_module._discard_worker()
+    verify_pool.discard()
     monkeypatch.setattr(verify_module, "VERIFY_TIMEOUT_S", 1.0)
     monkeypatch.setattr(verify_module, "VERIFY_WORKERS", 1)
     yield 1.0
-    verify_module._discard_worker()
+    verify_pool.discard()
 
 
 # ---- extraction -----------------------------------------------------------------------------------
@@ -314,13 +315,13 @@ def test_pathological_answers_return_within_the_bound(short_timeout, capsys):
 def test_unresponsive_worker_is_killed_and_the_batch_goes_on(short_timeout, caplog):
     """A child stuck in C code looks like a stopped one from outside; freeze it and watch the kill."""
     assert is_correct(boxed("0.5"), r"\frac{1}{2}")  # starts the child
-    frozen = verify_module._workers[0].process
+    frozen = verify_pool._workers[0].process
     os.kill(frozen.pid, signal.SIGSTOP)
     started = time.perf_counter()
     scores = score_completions([boxed(r"\frac{2}{4}"), boxed(r"\sqrt{8}")], ["0.5", r"2\sqrt{2}"])
     elapsed = time.perf_counter() - started
     assert scores == [0.0, 1.0]  # the item caught in the frozen child scores 0; a new child does the rest
-    assert frozen.poll() is not None and verify_module._workers[0].process.pid != frozen.pid
+    assert frozen.poll() is not None and verify_pool._workers[0].process.pid != frozen.pid
     assert short_timeout <= elapsed < short_timeout + RESTART_SLACK_S
     assert "SDD_VERIFY_TIMEOUT_S" in caplog.text
 
@@ -333,11 +334,11 @@ def test_pool_of_two_children_keeps_order_and_bounds(short_timeout, monkeypatch)
     scores = score_completions([boxed(a) for a in answers], golds)
     elapsed = time.perf_counter() - started
     assert scores == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
-    assert all(worker is not None for worker in verify_module._workers)
+    assert all(worker is not None for worker in verify_pool._workers)
     # The two slow items ran side by side, so the batch takes about one bound, not two.
     assert elapsed < 2 * short_timeout + RESTART_SLACK_S
     # Freeze one child: its item scores 0, the other child and a replacement finish the batch.
-    frozen = verify_module._workers[0].process
+    frozen = verify_pool._workers[0].process
     os.kill(frozen.pid, signal.SIGSTOP)
     scores = score_completions([boxed(a) for a in answers[1:]], golds[1:])
     assert scores == [0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]  # first: sent to the frozen child
@@ -346,7 +347,7 @@ def test_pool_of_two_children_keeps_order_and_bounds(short_timeout, monkeypatch)
 
 def test_dead_worker_is_replaced_without_losing_an_item():
     assert is_correct(boxed("0.5"), r"\frac{1}{2}")
-    dead = verify_module._workers[0].process
+    dead = verify_pool._workers[0].process
     dead.kill()
     dead.wait()
     assert score_completions([boxed(r"\sqrt{8}"), boxed("7")], [r"2\sqrt{2}", r"\frac{14}{2}"]) == [1.0, 1.0]
@@ -409,7 +410,7 @@ def test_bounded_in_a_daemonic_process_forked_from_a_parent_with_a_live_child(sh
     """DataLoader workers are daemonic forks: no multiprocessing children, and the parent's child
     process (inherited through fork) must be neither used nor killed by them."""
     assert is_correct(boxed("0.5"), r"\frac{1}{2}")
-    parent_child_pid = verify_module._workers[0].process.pid
+    parent_child_pid = verify_pool._workers[0].process.pid
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     daemon = context.Process(target=_score_in_daemon, args=(queue,), daemon=True)
@@ -419,7 +420,7 @@ def test_bounded_in_a_daemonic_process_forked_from_a_parent_with_a_live_child(sh
     assert "daemonic processes are not allowed to have children" in child_error
     assert scores == [0.0, 1.0]
     assert elapsed < 2 * (short_timeout + RESTART_SLACK_S)
-    assert verify_module._workers[0].process.pid == parent_child_pid
+    assert verify_pool._workers[0].process.pid == parent_child_pid
     assert is_correct(boxed(r"\sqrt{8}"), r"2\sqrt{2}")
 
 
@@ -507,7 +508,7 @@ def test_throughput(capsys):
     """
     records = load_jsonl("math-train.jsonl")
     rng = random.Random(0)
-    verify_module._discard_worker()
+    verify_pool.discard()
     verify_module._gold_parses.clear()
     lines = []
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from sdd.analysis import measures
 from sdd.analysis.pairs import ANALYSIS_DIR, OVERLAP_KIND, PAIR_KIND
 from sdd.analysis.text import rel
-from sdd.names import slug
+from sdd.names import SHARED_DIR, slug
 
 
 def _documents(root: Path, kind: str) -> list[tuple[Path, dict]]:
@@ -31,10 +31,13 @@ def report_section(root: Path, out: Path) -> tuple[str, dict, list[Path]]:
     """Markdown, JSON-able data and plot paths for `sdd report`; empty where nothing was analysed."""
     root, out = Path(root), Path(out)
     # The run dir is where the JSON lies (ROOT/<run>/analysis/x.json), not the path recorded when it was written:
-    # run trees move between machines. Shared stages (ROOT/shared) first, then the variants', then by time.
-    pairs = sorted(_documents(root, PAIR_KIND), key=lambda item: (
-        len(Path(rel(root, str(item[0].parent.parent))).parts), rel(root, str(item[0].parent.parent)),
-        item[1]["created_at"]))
+    # run trees move between machines. Shared stages (ROOT/shared, then each chain's ROOT/shared/seed<k>) first,
+    # then the variants', then by time.
+    def order(item: tuple[Path, dict]) -> tuple:
+        run = rel(root, str(item[0].parent.parent))
+        return run.split("/")[0] != SHARED_DIR, len(Path(run).parts), run, item[1]["created_at"]
+
+    pairs = sorted(_documents(root, PAIR_KIND), key=order)
     overlaps = _documents(root, OVERLAP_KIND)
     if not pairs and not overlaps:
         return "", {}, []

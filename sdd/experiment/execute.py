@@ -6,7 +6,7 @@ small models are overhead-bound and two workers beat one with two threads). With
 (`accelerate launch --config_file zero3.yaml`) each training job runs as its own process instead.
 
 This room does not import the CLI or the stages: the command (`sdd.stages.run`) hands `execute`
-the function that runs one job's argv in-process (`run_job`), so the arrows run one way.
+the function that runs one job in-process by calling its stage (`run_job`), so the arrows run one way.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from sdd.experiment.recipe import Job
 from sdd.manifest import RunDir
 
 OK, SKIPPED, FAILED, INTERRUPTED = "ok", "skipped", "failed", "interrupted"
-RunJob = Callable[[list[str]], tuple[str, str]]  # argv -> (outcome, message), picklable (module level)
+RunJob = Callable[[Job], tuple[str, str]]  # job -> (outcome, message), picklable (module level)
 
 
 class JobsFailed(SddError):
@@ -112,14 +112,16 @@ def execute(jobs: list[Job], datasets: dict[str, str], *, workers: int, launcher
             run_job: RunJob) -> dict[str, str]:
     """Run jobs whose dependencies succeeded; dependents of a failure are skipped, the rest go on.
 
-    `run_job` runs one job's argv inside a worker (the command passes the CLI-level runner).
+    `run_job` runs one job inside a worker (the command passes one that calls the job's stage function).
     """
     from rich.console import Console
 
     console = Console()
     outcome: dict[str, str] = {}
     pending = [j for j in jobs]
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    # An explicit OMP_NUM_THREADS wins: `make demo` sets 1, so a machine with more cores sums in the same order.
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
     running: dict[futures.Future, tuple[Job, float]] = {}
     stopping: list[str] = []
@@ -161,7 +163,7 @@ def execute(jobs: list[Job], datasets: dict[str, str], *, workers: int, launcher
                     if launcher and job.trains:
                         future = pool.submit(run_subprocess, job, launcher)
                     else:
-                        future = pool.submit(run_job, job.argv)
+                        future = pool.submit(run_job, job)
                     running[future] = (job, time.time())
                 if not running:
                     continue

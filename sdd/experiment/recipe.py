@@ -5,7 +5,16 @@ turns it into jobs, each one ordinary `sdd <stage> ...` command line in a run di
 
     <root>/shared/                 stages every variant reuses (toy, bootstrap SFT, teacher RL,
                                    the SFT-teacher control, teacher evals)
+    <root>/shared/seed<k>/         with `seed_scope: chain`, those stages (all but the toy) once per seed
     <root>/<variant>/seed<k>/      the student stages of one variant and one seed, and its eval
+
+`seed_scope` says which stages a seed covers. `student` (cheap): the teacher bootstrap, teacher RL,
+the SFT-teacher control and the student bootstrap run once and every seed starts from them, so
+"± over seeds" is the luck of the student stages alone, for one draw of the teacher. `chain`: seed k
+repeats that whole chain, each stage seeded with k, so seed k is one independent draw of the
+experiment (teacher and student together) and the spread over seeds includes the teacher's luck.
+The toy's task and base models (`sdd toy init`) stay shared: they play the pretrained models and
+the benchmark, which a real experiment does not redraw either.
 
 Because jobs are plain command lines, the same plan runs in-process (`sdd run`), under a
 launcher (`--launcher "accelerate launch ..."`), or as a chain of Slurm jobs, and a user can
@@ -22,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdd.errors import SddError
-from sdd.names import slug  # re-exported: callers of recipe.slug keep working
+from sdd.names import SHARED_DIR, slug  # slug re-exported: callers of recipe.slug keep working
 
 STAGE_KINDS = ("sft", "teacher-rl", "warmup", "distill", "student-rl", "eval")
 # Recipe `stages:` sections: a stage kind, or one of the shared stages by name (the bootstrap SFT of
@@ -56,6 +65,7 @@ DEFAULT_VARIANTS = ["rl-teacher-bridge", "direct-grpo", "raw-teacher-bridge", "s
 TEACHERS = ("rl", "raw", "sft", "rl-half")
 SPLITS = ("train", "heldout", "train-a", "train-b")  # sdd.stages.common.DataOptions.SPLITS, without importing torch
 SPLIT_KEYS = ("seed", "fraction", "heldout_eval")
+SEED_SCOPES = ("student", "chain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +120,7 @@ class Recipe:
     data_dir: str | None = None
     benchmarks: list[str] = dataclasses.field(default_factory=lambda: ["math500"])
     seeds: int = 3
+    seed_scope: str = "student"  # which stages a seed covers: "student" or "chain" (see the module docstring)
     bootstrap: bool = False  # supervised bootstrap of both models first (the toy's models start random)
     student_rl_after_bridge: bool = False
     variants: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_VARIANTS))
@@ -123,6 +134,8 @@ class Recipe:
     # `eval-heldout`, benchmark label `<train_dataset>:heldout`; `heldout_eval` overrides the recipe's
     # eval options for it, e.g. fewer samples). None (the default) trains on all of train_dataset.
     split: dict[str, Any] | None = None
+    # What each Slurm job asks for (`sdd run --slurm`): a profile and overrides; see SLURM_PROFILES below.
+    slurm: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def variant(self, name: str) -> dict:
         return self.custom_variants.get(name) or BUILTIN_VARIANTS[name]
@@ -158,6 +171,9 @@ def load(path: str | Path) -> Recipe:
             raise SddError(f"recipe {path}: '{key}' must be a non-empty list")
     if not isinstance(recipe.seeds, int) or recipe.seeds < 1:
         raise SddError(f"recipe {path}: 'seeds' must be a positive integer")
+    if recipe.seed_scope not in SEED_SCOPES:
+        raise SddError(f"recipe {path}: 'seed_scope' must be student (teacher stages once, shared by every seed) "
+                       f"or chain (every seed repeats them), not {recipe.seed_scope!r}")
     if recipe.split is not None:
         if recipe.split is True:
             recipe.split = {}
@@ -205,20 +221,97 @@ def load(path: str | Path) -> Recipe:
     for name, file in recipe.datasets.items():
         if not isinstance(file, str):
             raise SddError(f"recipe {path}: datasets.{name} must be a file path")
+    check_slurm(recipe.slurm, f"recipe {path}: slurm")
     if not recipe.toy and (not recipe.teacher or not recipe.student):
         raise SddError(f"recipe {path}: name the models ('teacher:' and 'student:', hub ids or paths), or set 'toy: true'")
     return recipe
 
 
+# -- Slurm resources --------------------------------------------------------------------------------
+# What each job of the plan asks Slurm for, by stage kind. A profile is the base; a recipe's `slurm:`
+# section goes over it, `all:` for every job, then a stage kind's own section:
+#     slurm: {profile: cpu, all: {partition: short}, eval: {time: "02:00:00"}}
+# `sdd run --slurm-profile NAME` picks the profile instead of the recipe's `profile:`.
+SLURM_KINDS = (*STAGE_KINDS, "toy-init", "report")
+SLURM_OPTIONS = {"nodes": "--nodes", "gpus": "--gpus-per-node", "cpus": "--cpus-per-task", "mem": "--mem",
+                 "time": "--time", "partition": "--partition", "account": "--account", "qos": "--qos",
+                 "constraint": "--constraint"}
+SLURM_COUNTS = ("nodes", "gpus", "cpus")
+SLURM_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    # The published recipe: each training stage on one node of 8 GPUs (its batch shapes assume 8 x 80 GB,
+    # docs/scaling.md), eval on one GPU (one vLLM engine), the toy and the report on no GPU.
+    "gpu": {
+        "all": {"nodes": 1, "gpus": 8, "cpus": 64, "time": "48:00:00"},
+        "eval": {"gpus": 1, "cpus": 8, "time": "24:00:00"},
+        "toy-init": {"gpus": 0, "cpus": 2, "time": "01:00:00"},
+        "report": {"gpus": 0, "cpus": 2, "time": "01:00:00"},
+    },
+    # CPU-only nodes: one process per stage, for the toy (each stage takes minutes on 2 cores).
+    "cpu": {"all": {"nodes": 1, "gpus": 0, "cpus": 2, "mem": "4G", "time": "02:00:00"}},
+}
+
+
+def check_slurm(section: Any, where: str) -> None:
+    """A `slurm:` section: one line naming the key and what to write instead."""
+    if not isinstance(section, dict):
+        raise SddError(f"{where} must be a mapping (e.g. slurm: {{profile: cpu, eval: {{time: '02:00:00'}}}})")
+    for key, value in section.items():
+        if key == "profile":
+            if value not in SLURM_PROFILES:
+                raise SddError(f"{where}.profile is {value!r}; use one of {', '.join(SLURM_PROFILES)}")
+            continue
+        if key not in ("all", *SLURM_KINDS):
+            raise SddError(f"{where} has unknown key '{key}' (keys: profile, all, {', '.join(SLURM_KINDS)})")
+        if not isinstance(value, dict):
+            raise SddError(f"{where}.{key} must be a mapping of resource: value ({', '.join(SLURM_OPTIONS)}, sbatch)")
+        for name, setting in value.items():
+            if name == "sbatch":
+                if not isinstance(setting, list) or not all(isinstance(arg, str) for arg in setting):
+                    raise SddError(f"{where}.{key}.sbatch must be a list of sbatch arguments, e.g. ['--exclusive']")
+            elif name not in SLURM_OPTIONS:
+                raise SddError(f"{where}.{key} has unknown resource '{name}' (resources: {', '.join(SLURM_OPTIONS)}, sbatch)")
+            elif name in SLURM_COUNTS and (not isinstance(setting, int) or isinstance(setting, bool) or setting < 0
+                                           or (name == "nodes" and setting < 1)):
+                raise SddError(f"{where}.{key}.{name} must be a whole number{' >= 1' if name == 'nodes' else ''}, "
+                               f"not {setting!r}")
+            elif setting is not None and not isinstance(setting, (str, int)):
+                raise SddError(f"{where}.{key}.{name} must be a string such as '04:00:00' or '64G', not {setting!r}")
+
+
+def slurm_resources(recipe: Recipe, kind: str, profile: str | None = None) -> dict[str, Any]:
+    """What a job of stage `kind` asks for: the profile's `all` and `kind`, then the recipe's."""
+    name = profile or recipe.slurm.get("profile") or "gpu"
+    if name not in SLURM_PROFILES:
+        raise SddError(f"Slurm profile '{name}' does not exist; use one of {', '.join(SLURM_PROFILES)}")
+    resources: dict[str, Any] = {}
+    for layer in (SLURM_PROFILES[name], recipe.slurm):
+        for section in ("all", kind):
+            resources.update(layer.get(section) or {})
+    return resources
+
+
+def sbatch_resource_args(resources: dict[str, Any]) -> list[str]:
+    """The sbatch options of resolved resources; a None value leaves that option to the cluster's default."""
+    args = [f"{SLURM_OPTIONS[name]}={value}" for name, value in resources.items()
+            if name in SLURM_OPTIONS and value is not None]
+    return [*args, *resources.get("sbatch", [])]
+
+
 @dataclasses.dataclass
 class Job:
-    """One stage invocation: `sdd <argv>`, to run once `after` have finished."""
+    """One stage invocation, to run once `after` have finished: `sdd <argv>`, or in-process its stage function.
+
+    The stage's own command-line options (`flags`, e.g. model: path) and the options file (`config_file`)
+    are kept as they are, and the command line is derived from them, so an in-process runner can hand
+    the stage exactly what that command line means without parsing it.
+    """
 
     id: str
     run_dir: Path
     stage: str
     name: str
-    argv: list[str]
+    flags: dict[str, str]
+    config_file: str | None
     after: list[str]
     variant: str | None = None
     seed: int | None = None
@@ -227,6 +320,15 @@ class Job:
     @property
     def trains(self) -> bool:
         return self.stage not in ("eval", "toy-init")
+
+    @property
+    def argv(self) -> list[str]:
+        """The job as an `sdd` command line: what a launcher, a Slurm job or a user runs."""
+        if self.stage == "toy-init":
+            return ["toy", "init", str(self.run_dir)]
+        flags = [part for key, value in self.flags.items() for part in (f"--{key.replace('_', '-')}", value)]
+        options = ["--config", self.config_file] if self.config_file else []
+        return [self.stage, "--run", str(self.run_dir), "--name", self.name, *flags, *options]
 
 
 class Planner:
@@ -238,14 +340,14 @@ class Planner:
         self.seeds = seeds
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, str] = {}
-        self.shared = root / "shared"
+        self.shared = root / SHARED_DIR
         self.config_dir = root / "plan"
         self.datasets = {k: str(Path(v).resolve()) for k, v in recipe.datasets.items()}
 
-    def _config_file(self, stage: str, options: dict) -> list[str]:
+    def _config_file(self, stage: str, options: dict) -> str | None:
         """Recipe options for a stage go to a YAML file the command names, so commands stay short."""
         if not options:
-            return []
+            return None
         import yaml
 
         digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -253,20 +355,20 @@ class Planner:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             path.write_text(yaml.safe_dump(options, sort_keys=True))
-        return ["--config", str(path)]
+        return str(path)
 
-    def add(self, *, run_dir: Path, stage: str, name: str, args: list[str], options: dict, after: list[str],
+    def add(self, *, run_dir: Path, stage: str, name: str, flags: dict[str, str], options: dict, after: list[str],
             variant: str | None = None, seed: int | None = None) -> Job:
-        key = json.dumps([stage, args, options, sorted(after)], sort_keys=True, default=str)
+        """A job running `stage` with its own command-line options `flags` and the recipe's `options` (a file)."""
+        key = json.dumps([stage, list(flags.items()), options, sorted(after)], sort_keys=True, default=str)
         if key in self.by_key:
             return self.jobs[self.by_key[key]]
         job_id = f"{run_dir.relative_to(self.root).as_posix()}:{name}"
         if job_id in self.jobs:
             raise SddError(f"the plan has two different '{name}' stages in {run_dir}; rename one variant's stage")
-        command = {"toy-init": ["toy", "init", str(run_dir)]}.get(stage, [stage, "--run", str(run_dir), "--name", name])
-        argv = [*command, *args, *self._config_file(stage, options)]
         records = [f"{name}-{slug(b)}" for b in options.get("benchmark", self.recipe.benchmarks)] if stage == "eval" else [name]
-        job = Job(job_id, run_dir, stage, name, argv, list(after), variant, seed, records)
+        job = Job(job_id, run_dir, stage, name, dict(flags), self._config_file(stage, options), list(after), variant,
+                  seed, records)
         self.jobs[job_id] = job
         self.by_key[key] = job_id
         return job
@@ -299,68 +401,92 @@ class Planner:
         """SFT data is held out like the RL data only when it is the same dataset (no sft_dataset)."""
         return "train" if not self.recipe.sft_dataset else None
 
-    def data_args(self) -> list[str]:
-        return ["--data-dir", self.recipe.data_dir] if self.recipe.data_dir else []
+    def data_flags(self) -> dict[str, str]:
+        return {"data_dir": self.recipe.data_dir} if self.recipe.data_dir else {}
 
     def plan(self) -> list[Job]:
         r = self.recipe
         after_init: list[str] = []
         teacher_base, student_base = r.teacher, r.student
         if r.toy:
-            init = self.add(run_dir=self.shared, stage="toy-init", name="toy-init", args=[], options={}, after=[])
+            init = self.add(run_dir=self.shared, stage="toy-init", name="toy-init", flags={}, options={}, after=[])
             after_init = [init.id]
             toy_data = self.shared / "toy" / "data"
             self.datasets = {"toy-train": str(toy_data / "train.jsonl"), "toy-test": str(toy_data / "test.jsonl"),
                              **self.datasets}
             teacher_base = teacher_base or str(self.shared / "toy" / "teacher-base")
             student_base = student_base or str(self.shared / "toy" / "student-base")
-        teacher_raw, student_start, deps_t, deps_s = teacher_base, student_base, after_init, after_init
-        if r.bootstrap:
-            sft_data = r.sft_dataset or r.train_dataset
-            sft_t = self.add(run_dir=self.shared, stage="sft", name="sft-teacher",
-                             options=self.stage_options("sft", "sft-teacher", **self.split_options(self.sft_split())),
-                             args=["--role", "teacher", "--model", teacher_base, "--dataset", sft_data, *self.data_args()],
-                             after=after_init)
-            sft_s = self.add(run_dir=self.shared, stage="sft", name="sft-student",
-                             options=self.stage_options("sft", "sft-student", **self.split_options(self.sft_split())),
-                             args=["--role", "student", "--model", student_base, "--dataset", sft_data, *self.data_args()],
-                             after=after_init)
-            teacher_raw, student_start = self.final(sft_t), self.final(sft_s)
-            deps_t, deps_s = [sft_t.id], [sft_s.id]
-        teachers: dict[str, tuple[str, list[str]]] = {"raw": (teacher_raw, deps_t)}
-        train = ["--dataset", r.train_dataset, *self.data_args()]
-        wanted = {r.variant(v).get("teacher") for v in r.variants}
-        if "rl" in wanted:
-            rl = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl", args=["--model", teacher_raw, *train],
-                          options=self.stage_options("teacher-rl", **self.split_options("train")), after=deps_t)
-            teachers["rl"] = (self.final(rl), [rl.id])
-        if "rl-half" in wanted:
-            half = self.add(run_dir=self.shared, stage="teacher-rl", name="teacher-rl-half",
-                            args=["--model", teacher_raw, *train], after=deps_t,
-                            options=self.stage_options("teacher-rl", "teacher-rl-half", **self.split_options("train-a")))
-            teachers["rl-half"] = (self.final(half), [half.id])
-        if "sft" in wanted:
-            sft_data = r.sft_dataset or r.train_dataset
-            control_options = self.stage_options("sft", "teacher-sft", **self.split_options(self.sft_split()))
-            control = self.add(run_dir=self.shared, stage="sft", name="teacher-sft", options=control_options,
-                               args=["--role", "teacher", "--model", teacher_raw, "--dataset", sft_data, *self.data_args()],
-                               after=deps_t)
-            teachers["sft"] = (self.final(control), [control.id])
-        for which, (path, deps) in teachers.items():
-            if which in wanted or which == "raw":
-                self.add_eval(self.shared, f"eval-teacher-{which}", path, "teacher", deps, None, None)
-                self.add_heldout_eval(self.shared, f"eval-heldout-teacher-{which}", path, "teacher", deps, None, None)
-        self.add_eval(self.shared, "eval-student-base", student_start, "student", deps_s, None, None)
-        self.add_heldout_eval(self.shared, "eval-heldout-student-base", student_start, "student", deps_s, None, None)
+        train = {"dataset": r.train_dataset, **self.data_flags()}
+        if r.seed_scope == "chain":
+            chains = {seed: self.plan_chain(seed, teacher_base, student_base, after_init) for seed in range(self.seeds)}
+        else:
+            chain = self.plan_chain(None, teacher_base, student_base, after_init)
+            chains = dict.fromkeys(range(self.seeds), chain)
         for variant in r.variants:
             spec = r.variant(variant)
             steps = list(spec["steps"])
             if variant == "rl-teacher-bridge" and r.student_rl_after_bridge:
                 steps.append("student-rl")
             for seed in range(self.seeds):
+                teachers, student_start, deps_s = chains[seed]
                 self.plan_variant(variant, spec.get("teacher"), steps, seed, teachers, student_start, deps_s, train,
                                   spec.get("data"))
         return self.ordered()
+
+    def plan_chain(self, seed: int | None, teacher_base: str, student_base: str, after_init: list[str]
+                   ) -> tuple[dict[str, tuple[str, list[str]]], str, list[str]]:
+        """The stages variants share: bootstrap SFT of both models, the teachers, their evals.
+
+        seed None (seed_scope student): once, in <root>/shared, at the trainers' default seed. A seed k
+        (seed_scope chain): in <root>/shared/seed<k>, every stage seeded with k. Returns (teachers by
+        kind: (checkpoint, jobs it needs), the student's starting checkpoint, the jobs that make it).
+        """
+        r = self.recipe
+        run_dir = self.shared if seed is None else self.shared / f"seed{seed}"
+        seeded = {} if seed is None else {"seed": seed}
+        teacher_raw, student_start, deps_t, deps_s = teacher_base, student_base, after_init, after_init
+        if r.bootstrap:
+            sft_data = r.sft_dataset or r.train_dataset
+            sft_t = self.add(run_dir=run_dir, stage="sft", name="sft-teacher",
+                             options=self.stage_options("sft", "sft-teacher", **self.split_options(self.sft_split()),
+                                                        **seeded),
+                             flags={"role": "teacher", "model": teacher_base, "dataset": sft_data, **self.data_flags()},
+                             after=after_init, seed=seed)
+            sft_s = self.add(run_dir=run_dir, stage="sft", name="sft-student",
+                             options=self.stage_options("sft", "sft-student", **self.split_options(self.sft_split()),
+                                                        **seeded),
+                             flags={"role": "student", "model": student_base, "dataset": sft_data, **self.data_flags()},
+                             after=after_init, seed=seed)
+            teacher_raw, student_start = self.final(sft_t), self.final(sft_s)
+            deps_t, deps_s = [sft_t.id], [sft_s.id]
+        teachers: dict[str, tuple[str, list[str]]] = {"raw": (teacher_raw, deps_t)}
+        train = {"dataset": r.train_dataset, **self.data_flags()}
+        wanted = {r.variant(v).get("teacher") for v in r.variants}
+        if "rl" in wanted:
+            rl = self.add(run_dir=run_dir, stage="teacher-rl", name="teacher-rl", flags={"model": teacher_raw, **train},
+                          options=self.stage_options("teacher-rl", **self.split_options("train"), **seeded),
+                          after=deps_t, seed=seed)
+            teachers["rl"] = (self.final(rl), [rl.id])
+        if "rl-half" in wanted:
+            half = self.add(run_dir=run_dir, stage="teacher-rl", name="teacher-rl-half",
+                            flags={"model": teacher_raw, **train}, after=deps_t, seed=seed,
+                            options=self.stage_options("teacher-rl", "teacher-rl-half", **self.split_options("train-a"),
+                                                       **seeded))
+            teachers["rl-half"] = (self.final(half), [half.id])
+        if "sft" in wanted:
+            sft_data = r.sft_dataset or r.train_dataset
+            control_options = self.stage_options("sft", "teacher-sft", **self.split_options(self.sft_split()), **seeded)
+            control = self.add(run_dir=run_dir, stage="sft", name="teacher-sft", options=control_options,
+                               flags={"role": "teacher", "model": teacher_raw, "dataset": sft_data, **self.data_flags()},
+                               after=deps_t, seed=seed)
+            teachers["sft"] = (self.final(control), [control.id])
+        for which, (path, deps) in teachers.items():
+            if which in wanted or which == "raw":
+                self.add_eval(run_dir, f"eval-teacher-{which}", path, "teacher", deps, None, seed)
+                self.add_heldout_eval(run_dir, f"eval-heldout-teacher-{which}", path, "teacher", deps, None, seed)
+        self.add_eval(run_dir, "eval-student-base", student_start, "student", deps_s, None, seed)
+        self.add_heldout_eval(run_dir, "eval-heldout-student-base", student_start, "student", deps_s, None, seed)
+        return teachers, student_start, deps_s
 
     def plan_variant(self, variant, teacher_kind, steps, seed, teachers, student_start, deps_s, train,
                      data: dict | None = None) -> None:
@@ -377,21 +503,21 @@ class Planner:
             extra.update(step.fixed_options())
             extra.update(self.split_options((data or {}).get(step.name, "train")))
             options = self.stage_options(step.stage, **extra)
-            args = ["--student" if step.reads_teacher else "--model", student, *train]
-            if step.reads_teacher:
-                args = ["--teacher", teacher_path, *args]
-            job = self.add(run_dir=run_dir, stage=step.stage, name=step.name, args=args, options=options,
+            flags = {"teacher": teacher_path, "student": student} if step.reads_teacher else {"model": student}
+            job = self.add(run_dir=run_dir, stage=step.stage, name=step.name, flags={**flags, **train}, options=options,
                            after=sorted(set(deps + (teacher_deps if step.reads_teacher else []))),
                            variant=variant, seed=seed)
             student, deps = self.final(job), [job.id]
         self.add_eval(run_dir, "eval", student, "student", deps, variant, seed)
         self.add_heldout_eval(run_dir, "eval-heldout", student, "student", deps, variant, seed)
 
+    def eval_flags(self, model: str, role: str) -> dict[str, str]:
+        return {"model": model, "role": role, **self.data_flags()}
+
     def add_eval(self, run_dir: Path, name: str, model: str, role: str, deps: list[str], variant, seed) -> Job:
         options = {"seeds": 1, **self.stage_options("eval"), **self.recipe.eval, "benchmark": self.recipe.benchmarks}
-        args = ["--model", model, "--role", role, *self.data_args()]
-        return self.add(run_dir=run_dir, stage="eval", name=name, args=args, options=options, after=deps,
-                        variant=variant, seed=seed)
+        return self.add(run_dir=run_dir, stage="eval", name=name, flags=self.eval_flags(model, role), options=options,
+                        after=deps, variant=variant, seed=seed)
 
     def add_heldout_eval(self, run_dir: Path, name: str, model: str, role: str, deps: list[str], variant,
                          seed) -> Job | None:
@@ -401,9 +527,8 @@ class Planner:
         options = {"seeds": 1, **self.stage_options("eval"), **self.recipe.eval,
                    **(self.recipe.split.get("heldout_eval") or {}), "benchmark": [self.recipe.train_dataset],
                    **self.split_options("heldout")}
-        args = ["--model", model, "--role", role, *self.data_args()]
-        return self.add(run_dir=run_dir, stage="eval", name=name, args=args, options=options, after=deps,
-                        variant=variant, seed=seed)
+        return self.add(run_dir=run_dir, stage="eval", name=name, flags=self.eval_flags(model, role), options=options,
+                        after=deps, variant=variant, seed=seed)
 
     def ordered(self) -> list[Job]:
         """Topological order (Kahn), stable in planning order; a cycle or a missing job is an error."""

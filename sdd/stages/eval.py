@@ -13,44 +13,58 @@ import dataclasses
 import json
 from pathlib import Path
 
-from sdd import data, stats
+from sdd import data
 from sdd import samples as sample_files
-from sdd.errors import SddError
+from sdd.config import to_jsonable
+from sdd.errors import SddError, StageSkipped
 from sdd.manifest import RunDir, atomic_write_text
 from sdd.names import slug
 from sdd.samples import SAMPLING
 from sdd.stages import common
+from sdd.train.lifecycle import finish, open_stage
+
+
+def _data_option(name: str) -> dict:
+    """The help of the training stages' data option of the same name: one text for both."""
+    return {"help": common.cfg.help_for(common.DataOptions, name)}
 
 
 @dataclasses.dataclass
 class EvalOptions:
-    role: str = "student"
-    model: str | None = None
-    benchmark: list[str] = dataclasses.field(default_factory=lambda: ["math500"])
-    data_dir: str | None = None
-    problem_column: str | None = None
-    answer_column: str | None = None
-    samples: int = 16
-    seeds: int = 1
-    temperature: float = SAMPLING.temperature
-    top_p: float = SAMPLING.top_p
-    top_k: int = SAMPLING.top_k
-    max_new_tokens: int = SAMPLING.max_new_tokens
-    greedy: bool = False
-    backend: str = "hf"
-    # vLLM's engine (backend "vllm"): TRL's names for the same settings in GRPO
-    vllm_tensor_parallel_size: int = 1
-    vllm_gpu_memory_utilization: float = 0.9
-    vllm_max_model_length: int | None = None
-    batch_size: int | None = None
-    limit: int | None = None
-    dtype: str = "auto"
-    chat_template_kwargs: dict = dataclasses.field(default_factory=SAMPLING.chat_template_kwargs)
-    trust_remote_code: bool = False
-    # Evaluate one split of each benchmark (e.g. the held-out part of the training set); see DataOptions.
-    split: str | None = None
-    split_seed: int = 42
-    split_fraction: float = 0.8
+    role: str = dataclasses.field(default="student", metadata={"help": "Evaluate the newest checkpoint of this role."})
+    model: str | None = dataclasses.field(default=None, metadata={"help": "Evaluate this path or hub id instead."})
+    benchmark: list[str] = dataclasses.field(default_factory=lambda: ["math500"], metadata={
+        "help": "math500, aime24, aime25, gsm8k, a file, a hub id, or a dataset the run registered; repeatable."})
+    data_dir: str | None = dataclasses.field(default=None, metadata=_data_option("data_dir"))
+    problem_column: str | None = dataclasses.field(default=None, metadata=_data_option("problem_column"))
+    answer_column: str | None = dataclasses.field(default=None, metadata=_data_option("answer_column"))
+    samples: int = dataclasses.field(default=16, metadata={"help": "Samples per problem (k of avg@k)."})
+    seeds: int = dataclasses.field(default=1, metadata={
+        "help": "Number of sampling seeds (0..n-1); spread is reported over them."})
+    temperature: float = dataclasses.field(default=SAMPLING.temperature, metadata={"help": "Sampling temperature."})
+    top_p: float = dataclasses.field(default=SAMPLING.top_p, metadata={"help": "Sampling top-p (1.0: off)."})
+    top_k: int = dataclasses.field(default=SAMPLING.top_k, metadata={"help": "Sampling top-k (0: off)."})
+    max_new_tokens: int = dataclasses.field(default=SAMPLING.max_new_tokens, metadata={
+        "help": "Longest completion in tokens; a longer one is cut and counted as truncated."})
+    greedy: bool = dataclasses.field(default=False, metadata={"help": "Also report greedy accuracy."})
+    backend: str = dataclasses.field(default="hf", metadata={"help": "hf (transformers) or vllm."})
+    vllm_tensor_parallel_size: int = dataclasses.field(default=1, metadata={
+        "help": "vLLM engine (backend vllm): GPUs per engine (TRL's name in GRPO)."})
+    vllm_gpu_memory_utilization: float = dataclasses.field(default=0.9, metadata={
+        "help": "vLLM engine: share of the GPU it takes (TRL's name in GRPO)."})
+    vllm_max_model_length: int | None = dataclasses.field(default=None, metadata={
+        "help": "vLLM engine: longest prompt + completion (TRL's name in GRPO)."})
+    batch_size: int | None = dataclasses.field(default=None, metadata={
+        "help": "Sequences per generate call (default: the largest batch the free GPU memory holds, up to 256; 64 on CPU)."})
+    limit: int | None = dataclasses.field(default=None, metadata=_data_option("limit"))
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "dtype the model is loaded in (auto: the checkpoint's)."})
+    chat_template_kwargs: dict = dataclasses.field(default_factory=SAMPLING.chat_template_kwargs,
+                                                   metadata=_data_option("chat_template_kwargs"))
+    trust_remote_code: bool = dataclasses.field(default=False, metadata=_data_option("trust_remote_code"))
+    # Evaluate one split of each benchmark (e.g. the held-out part of the training set).
+    split: str | None = dataclasses.field(default=None, metadata=_data_option("split"))
+    split_seed: int = dataclasses.field(default=42, metadata=_data_option("split_seed"))
+    split_fraction: float = dataclasses.field(default=0.8, metadata=_data_option("split_fraction"))
 
 
 def pass_ks(samples: int) -> list[int]:
@@ -64,9 +78,8 @@ def pass_ks(samples: int) -> list[int]:
 def sample_and_score(model, tokenizer, records: list[dict], options: EvalOptions, seed: int, *, greedy: bool,
                      label: str) -> list[dict]:
     """One seed's completions for every problem, verified, as per-problem rows."""
-    from rich.progress import Progress
-
     from sdd.generation import SamplingParams, generate
+    from sdd.progress import StageProgress
     from sdd.verify import score_completions
 
     n = 1 if greedy else options.samples
@@ -75,11 +88,9 @@ def sample_and_score(model, tokenizer, records: list[dict], options: EvalOptions
         top_k=0 if greedy else options.top_k, max_new_tokens=options.max_new_tokens, seed=seed,
     )
     prompts = [data.render_prompt(tokenizer, r["problem"], options.chat_template_kwargs) for r in records]
-    with Progress(transient=True) as progress:
-        task = progress.add_task(label, total=len(prompts) * n)
+    with StageProgress(label, len(prompts) * n, unit="completions", transient=True) as progress:
         completions = generate(model, tokenizer, prompts, params, backend=options.backend,
-                               batch_size=options.batch_size, progress=lambda k: progress.advance(task, k),
-                               vllm=_vllm_settings(options))
+                               batch_size=options.batch_size, progress=progress.advance, vllm=_vllm_settings(options))
     texts = [c.text for group in completions for c in group]
     golds = [r["answer"] for r in records for _ in range(n)]
     scores = score_completions(texts, golds)
@@ -104,6 +115,8 @@ def _vllm_settings(options: EvalOptions):
 
 def summarize(per_seed: dict[int, list[dict]], samples: int) -> dict:
     """avg@k mean/std over seeds, std across sample sets, pass@k, truncation, mean length."""
+    from sdd import stats  # numpy: imported when needed, so the CLI that imports EvalOptions starts fast
+
     seed_acc, set_std, pass_curves = [], [], []
     ks = pass_ks(samples)
     for rows in per_seed.values():
@@ -130,6 +143,15 @@ def summarize(per_seed: dict[int, list[dict]], samples: int) -> dict:
 
 
 def run(args: common.StageArgs) -> dict:
+    """`sdd eval`: every benchmark evaluated (or reused when done), then the table of results."""
+    from sdd.stages.status import print_eval
+
+    results = evaluate(args)
+    print_eval(results)
+    return results
+
+
+def evaluate(args: common.StageArgs) -> dict:
     options, _ = common.resolve_options(("eval",), EvalOptions, None, args, {})
     if options.samples < 1 or options.seeds < 1:
         raise SddError("--samples and --seeds must be at least 1")
@@ -159,8 +181,8 @@ def run(args: common.StageArgs) -> dict:
         name = f"{args.name or 'eval-' + source_name}-{slug(bench)}"
         inputs = {"model": checkpoint, "dataset": common.StageInput(source.describe())}
         try:
-            with common.open_stage(args, name=name, stage="eval", role=options.role,
-                                   config={"sdd": options}, inputs=inputs) as stage:
+            with open_stage(args, name=name, stage="eval", role=options.role,
+                            config={"sdd": options}, inputs=inputs) as stage:
                 if model is None and options.backend == "hf":
                     from sdd.generation import Ranks
 
@@ -169,7 +191,7 @@ def run(args: common.StageArgs) -> dict:
                     model.to(Ranks.current().device).eval()  # this process's device, cuda:<LOCAL_RANK> under a launcher
                 engine = model if options.backend == "hf" else checkpoint.path
                 provenance = {"model": stage.run.record(name).inputs["model"].fingerprint,
-                              "options": common.cfg.to_jsonable(options)}
+                              "options": to_jsonable(options)}
                 sampling = (engine, tokenizer, records, options)
                 per_seed = {}
                 for seed in range(options.seeds):
@@ -185,9 +207,9 @@ def run(args: common.StageArgs) -> dict:
                 metrics.update(benchmark=bench if options.split is None else f"{bench}:{options.split}", evaluates=checkpoint.from_stage or checkpoint.path,
                                skipped_unparsable_golds=skipped)
                 atomic_write_text(stage.dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-                common.finish(stage, metrics=metrics)
+                finish(stage, metrics=metrics)
                 results[bench] = metrics
-        except common.StageSkipped as skip:
+        except StageSkipped as skip:
             record = run_dir.record(name)
             results[bench] = record.metrics if record else {}
             print(skip)

@@ -5,12 +5,16 @@ config.yaml, the recipe, `--config`, the command line, `--set`) plus what sdd de
 them (GRPO's `steps_per_generation` from `updates_per_rollout`, warmup's `max_length` from the
 prompt and completion limits). Reading a config file is not enough to know what will run; this
 resolves exactly as the stage does, through the same `configure` functions, and writes nothing.
+
+`sdd <stage> --help-config` lists what a stage accepts before anything resolves: every field of its
+sdd options and of its TRL config, with type, default and help (each field's own `metadata["help"]`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 from pathlib import Path
 
 from sdd import config as cfg
@@ -102,3 +106,64 @@ def show(stage: str, args: common.StageArgs, as_json: bool = False) -> dict:
 
         print(yaml.safe_dump(resolved, sort_keys=False, width=120), end="")
     return resolved
+
+
+def config_classes(stage: str) -> tuple[type, type | None, dict]:
+    """(sdd options class, TRL config class or None, the stage's defaults for TRL fields) of a stage command."""
+    if stage == "eval":
+        from sdd.stages.eval import EvalOptions
+
+        return EvalOptions, None, {}
+    from trl import DistillationConfig, GRPOConfig, SFTConfig
+
+    from sdd.stages import distill, rl, sft, warmup
+
+    options_cls, trl_cls, defaults = {
+        "sft": (sft.SftOptions, SFTConfig, sft.DEFAULTS),
+        "teacher-rl": (rl.RlOptions, GRPOConfig, rl.DEFAULTS),
+        "student-rl": (rl.RlOptions, GRPOConfig, rl.DEFAULTS),
+        "warmup": (warmup.WarmupOptions, SFTConfig, warmup.DEFAULTS),
+        "distill": (distill.DistillOptions, DistillationConfig, distill.DEFAULTS),
+    }[stage]
+    return options_cls, trl_cls, {**common.device_defaults(), **defaults}
+
+
+def accepted_fields(stage: str, flags: dict[str, str] | None = None) -> dict:
+    """Every option the stage accepts, sdd's then its TRL config's: `sdd <stage> --help-config --json`.
+
+    `flags` names the command-line flag of the options that have one.
+    """
+    options_cls, trl_cls, trl_defaults = config_classes(stage)
+    flags = flags or {}
+    groups = [{"owner": "sdd", "class": options_cls.__name__, "fields": cfg.describe_fields(options_cls)}]
+    if trl_cls is not None:
+        groups.append({"owner": "trl", "class": trl_cls.__name__,
+                       "fields": cfg.describe_fields(trl_cls, trl_defaults)})
+    for group in groups:
+        for field in group["fields"]:
+            if field["name"] in flags:
+                field["flag"] = flags[field["name"]]
+    return {"stage": stage, "groups": groups}
+
+
+def show_fields(stage: str, flags: dict[str, str] | None = None, as_json: bool = False) -> dict:
+    """Print every option the stage accepts (text, or JSON) and return them; nothing else happens."""
+    accepted = accepted_fields(stage, flags)
+    if as_json:
+        print(json.dumps(accepted, indent=2))
+        return accepted
+    print(f"sdd {stage} accepts these options, set in a --config file, the run dir's config.yaml [{stage}], a recipe,\n"
+          "a flag where there is one, or --set key=value. Defaults are the stage's own, before any of those;\n"
+          "--print-config shows what a run resolves them to.")
+    for group in accepted["groups"]:
+        title = f"sdd's options ({group['class']})" if group["owner"] == "sdd" else f"TRL's {group['class']}"
+        print(f"\n{title}")
+        for field in group["fields"]:
+            default = json.dumps(field["default"])
+            if "class_default" in field:
+                default += f", TRL's {json.dumps(field['class_default'])}"
+            flag = f"  {field['flag']}" if "flag" in field else ""
+            print(f"  {field['name']}{flag}  ({field['type']}, default {default})")
+            if field["help"]:
+                print(textwrap.fill(field["help"], width=110, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return accepted

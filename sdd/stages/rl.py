@@ -15,26 +15,33 @@ import dataclasses
 import json
 from pathlib import Path
 
+from sdd import config as cfg
 from sdd import data
 from sdd.errors import SddError
 from sdd.manifest import RunDir, atomic_write_text
 from sdd.rewards import get_reward_funcs
 from sdd.stages import common
+from sdd.train.distributed import any_rank
+from sdd.train.lifecycle import finish, open_stage
 
 
 @dataclasses.dataclass
 class RlOptions(common.DataOptions):
-    model: str | None = None
-    gate: bool = False
-    gate_samples: int = 8
-    gate_temperature: float = 1.0
-    backend: str = "hf"
-    # Optimizer steps taken on each rollout batch (the authors' train_batch_size / ppo_mini_batch_size,
-    # 512 / 128 = 4): sets TRL's `steps_per_generation` to this many gradient-accumulation windows, so
-    # the policy moves between the steps and the clipped ratio binds. 1 = on-policy (ratio always 1).
-    updates_per_rollout: int = 4
-    # GRPO rewards by name from sdd/rewards.py (weights: TRL's own `reward_weights` field).
-    rewards: list[str] = dataclasses.field(default_factory=lambda: ["math_verify"])
+    model: str | None = dataclasses.field(default=None, metadata={
+        "help": "Model to train: a path, hub id or run dir (default: for teacher-rl, the newest teacher checkpoint "
+                "in the run; for student-rl, distill, else warmup, else the base student)."})
+    gate: bool = dataclasses.field(default=False, metadata={
+        "help": "Drop prompts the policy always or never solves before training."})
+    gate_samples: int = dataclasses.field(default=8, metadata={"help": "Samples per prompt that measure the gate's pass rates."})
+    gate_temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature of the gate's samples."})
+    backend: str = dataclasses.field(default="hf", metadata={"help": "Rollout engine: hf (transformers) or vllm."})
+    # The authors' train_batch_size / ppo_mini_batch_size, 512 / 128 = 4.
+    updates_per_rollout: int = dataclasses.field(default=4, metadata={
+        "help": "Optimizer steps taken on each rollout batch: sets TRL's steps_per_generation to this many "
+                "gradient-accumulation windows, so the policy moves between the steps and the clipped ratio "
+                "binds. 1 = on-policy (ratio always 1)."})
+    rewards: list[str] = dataclasses.field(default_factory=lambda: ["math_verify"], metadata={
+        "help": "GRPO rewards by name from sdd/rewards.py (weights: TRL's own reward_weights field)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,7 +125,7 @@ def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_t
     rates: dict[int, float] = {}
     with ready_for_generation(model, ranks.device):  # every rank enters: a ZeRO-3 gather is a collective
         for start in range(0, len(rows), GATE_CHUNK):
-            if flag is not None and common._any_rank(flag.requested is not None):
+            if flag is not None and any_rank(flag.requested is not None):
                 return None
             chunk = rows[start:start + GATE_CHUNK]
             positions = ranks.share(len(chunk))
@@ -159,7 +166,7 @@ def configure(args: common.StageArgs, stage: str):
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
                   "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
     trl_kwargs.update(rollout_schedule(options, trl_kwargs))
-    return name, options, common.cfg.build_trl_config(GRPOConfig, trl_kwargs)
+    return name, options, cfg.build_trl_config(GRPOConfig, trl_kwargs)
 
 
 def rollout_schedule(options: RlOptions, trl_kwargs: dict) -> dict:
@@ -189,9 +196,12 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
              "answer": r["answer"]} for r in records]
     resolved = {"sdd": options, "trl": trl_config.to_dict()}
     inputs = {"model": start, "dataset": common.StageInput(source.describe())}
-    with common.open_stage(args, name=name, stage=stage, role=role, config=resolved, inputs=inputs) as handle:
+    with open_stage(args, name=name, stage=stage, role=role, config=resolved, inputs=inputs) as handle:
+        # imported late: a bad option fails seconds sooner
         from datasets import Dataset
-        from trl import GRPOTrainer  # imported late: a bad option fails seconds sooner
+
+        from sdd.train.callbacks import make_callbacks, summarize_logs
+        from sdd.train.trainers import GuardedGRPOTrainer, train
 
         model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code)
         metrics: dict = {"skipped_unparsable_golds": skipped}
@@ -201,23 +211,23 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
             if gated is None:
                 return {}
             rows, metrics["gate"] = gated
-        trainer = common.guarded(GRPOTrainer)(
+        trainer = GuardedGRPOTrainer(
             model=model, reward_funcs=reward_funcs, args=trl_config,
             train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]),
             processing_class=tokenizer,
-            callbacks=common.make_callbacks(handle.flag, handle.dir, name, HEADLINE),
+            callbacks=make_callbacks(handle.flag, handle.dir, name, HEADLINE),
         )
-        final = common.train(trainer, handle)
+        final = train(trainer, handle)
         if final is None:
             return {}
-        metrics.update(common.summarize_logs(trainer.state.log_history, {
+        metrics.update(summarize_logs(trainer.state.log_history, {
             "reward": "reward", "solve_rate_any": "solve_rate/any_in_group",
             "truncation_rate": "completions/clipped_ratio", "entropy": "entropy",
             "mean_completion_tokens": "completions/mean_length",
         }))
         metrics.update(reward_first=_first(trainer.state.log_history, "reward"), steps=trainer.state.global_step,
                        tokens=trainer.state.num_input_tokens_seen, prompts=len(rows))
-        common.finish(handle, outputs=handle.output(role, final), metrics=metrics)
+        finish(handle, outputs=handle.output(role, final), metrics=metrics)
         return metrics
 
 

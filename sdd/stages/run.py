@@ -1,21 +1,23 @@
 """`sdd run`: execute a recipe's plan, skipping what is done and resuming what was interrupted.
 
-The experiment room (sdd.experiment) loads the recipe, plans the jobs (`sdd <stage> ...` command
-lines), runs them (execute.py: worker processes, `--jobs N`, `--launcher`) or submits them to
-Slurm (slurm.py). This command adds only what needs the CLI: running one job's argv in-process
-through the CLI's own parser (`run_in_process`, handed to the workers) and the resolved configs
-of `--dry-run --json` (`resolved_config`).
+The experiment room (sdd.experiment) loads the recipe, plans the jobs (each an `sdd <stage> ...`
+command line kept as its stage, run dir, flags and options file), runs them (execute.py: worker
+processes, `--jobs N`, `--launcher`) or submits them to Slurm (slurm.py). This command adds what
+needs the stages: running one job in-process by calling its stage function with the StageArgs its
+command line means (`run_job`, handed to the workers; tests/test_cli.py checks the CLI parses every
+job's argv into the same StageArgs), and the resolved configs of `--dry-run --json`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from sdd.errors import EXIT_INTERRUPTED, Interrupted, SddError
+from sdd import stages
+from sdd.errors import EXIT_INTERRUPTED, Interrupted, SddError, StageSkipped
 from sdd.experiment import recipe as recipes
 from sdd.experiment.execute import (  # noqa: F401 - select and is_done are part of this command's surface
     FAILED,
@@ -28,36 +30,43 @@ from sdd.experiment.execute import (  # noqa: F401 - select and is_done are part
     select,
 )
 from sdd.experiment.slurm import submit_slurm
+from sdd.stages import resolved
+from sdd.stages.common import StageArgs
+
+
+def stage_args(job: recipes.Job) -> StageArgs:
+    """What the job's command line (`job.argv`) hands its stage, built from the job itself."""
+    return StageArgs(run=str(job.run_dir), name=job.name, config_file=job.config_file, cli=dict(job.flags))
 
 
 def resolved_config(job: recipes.Job) -> dict | None:
     """The job's sdd options and TRL config as its stage will resolve them (`sdd <stage> ... --print-config`).
 
-    Parsed by the CLI's own parser, so what is shown is what the command line means. Before the
-    run, a run dir has no config.yaml yet; the layers list says so (for recipes, `sdd run` hands
-    every value through the plan's --config file, so nothing is missing from the result).
+    Before the run, a run dir has no config.yaml yet; the layers list says so (for recipes, `sdd run`
+    hands every value through the plan's --config file, so nothing is missing from the result).
     """
-    if job.stage not in ("sft", "teacher-rl", "student-rl", "warmup", "distill", "eval"):
+    if job.stage not in (*resolved.TRAINING_STAGES, "eval"):
         return None
-    import io
-
-    from sdd.cli import app
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        app(args=[*job.argv, "--print-config", "--json"], standalone_mode=False)
-    return json.loads(out.getvalue())
+    return resolved.resolve(job.stage, stage_args(job))
 
 
-def run_in_process(argv: list[str]) -> tuple[str, str]:
-    """One job through the CLI's own parser, inside this process; returns (outcome, message)."""
-    from click.exceptions import Exit as ClickExit
+def run_job(job: recipes.Job) -> tuple[str, str]:
+    """One job inside this process (a worker of `execute`): its stage function, called as its command would."""
+    stages.quiet_libraries()
+    if job.stage == "toy-init":
+        from sdd.stages import toy_init
 
-    from sdd.cli import app
-    from sdd.errors import StageSkipped
+        return outcome(lambda: toy_init.run(job.run_dir))
+    return outcome(lambda: stages.module(job.stage).run(stage_args(job)))
 
+
+def outcome(call: Callable[[], object]) -> tuple[str, str]:
+    """Run one job; how it ended, as `sdd run` reports it: (ok, skipped, interrupted or failed; a message).
+
+    An int the call returns is a command's exit status (130 and 75 mean interrupted).
+    """
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = call()
         if isinstance(code, int) and code:
             return (INTERRUPTED, "interrupted") if code in (130, EXIT_INTERRUPTED) else (FAILED, f"exit {code}")
     except StageSkipped as skip:
@@ -66,8 +75,6 @@ def run_in_process(argv: list[str]) -> tuple[str, str]:
         return INTERRUPTED, str(err)
     except SddError as err:
         return FAILED, str(err)
-    except ClickExit as exit_:
-        return (OK, "") if exit_.exit_code == 0 else (FAILED, f"exit {exit_.exit_code}")
     except KeyboardInterrupt:
         return INTERRUPTED, "interrupted"
     except Exception as err:  # noqa: BLE001 - one job's bug must not take the other jobs down; it is reported
@@ -82,9 +89,9 @@ def run_in_process(argv: list[str]) -> tuple[str, str]:
     return OK, ""
 
 
-
 def run(recipe_path: str, *, root: str, seeds: int | None, only: list[str] | None, jobs: int, launcher: str | None,
-        dry_run: bool, slurm: str | None, slurm_args: list[str] | None, as_json: bool = False) -> None:
+        dry_run: bool, slurm: str | None, slurm_args: list[str] | None, as_json: bool = False,
+        slurm_profile: str | None = None) -> None:
     recipe = recipes.load(recipe_path)
     planned, datasets = recipes.plan(recipe, Path(root).resolve(), seeds)
     chosen = select(planned, only)
@@ -93,7 +100,8 @@ def run(recipe_path: str, *, root: str, seeds: int | None, only: list[str] | Non
                            "variant": j.variant, "seed": j.seed, "config": resolved_config(j)} for j in chosen], indent=2))
         return
     if slurm:
-        submit_slurm(chosen, datasets, slurm, dry_run=dry_run, extra=list(slurm_args or []))
+        submit_slurm(chosen, datasets, slurm, root=Path(root), recipe=recipe, profile=slurm_profile, dry_run=dry_run,
+                     extra=list(slurm_args or []))
         return
     if dry_run:
         for job in chosen:
@@ -108,7 +116,7 @@ def run(recipe_path: str, *, root: str, seeds: int | None, only: list[str] | Non
         return
     started = time.time()
     outcome = execute(chosen, datasets, workers=jobs, launcher=shlex.split(launcher) if launcher else [],
-                      run_job=run_in_process)
+                      run_job=run_job)
     failed = [j for j, r in outcome.items() if r in (FAILED, "blocked")]
     interrupted = [j for j, r in outcome.items() if r == INTERRUPTED]
     print(f"{len(outcome) - len(failed) - len(interrupted)}/{len(outcome)} jobs done in {time.time() - started:.0f}s")

@@ -10,19 +10,23 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from sdd import config as cfg
 from sdd import data
 from sdd.errors import SddError
 from sdd.manifest import RunDir
 from sdd.models import load_causal_lm, load_tokenizer
 from sdd.stages import common
+from sdd.train.lifecycle import finish, open_stage
 
 ROLES = ("teacher", "student")
 
 
 @dataclasses.dataclass
 class SftOptions(common.DataOptions):
-    role: str = "teacher"
-    model: str | None = None
+    role: str = dataclasses.field(default="teacher", metadata={
+        "help": "teacher or student: which model to train and whose checkpoint it makes."})
+    model: str | None = dataclasses.field(default=None, metadata={
+        "help": "Start from this path or hub id (default: newest checkpoint of the role)."})
 
 
 DEFAULTS = {
@@ -48,7 +52,7 @@ def configure(args: common.StageArgs):
         ("sft", name), SftOptions, SFTConfig, args, {**common.device_defaults(), **DEFAULTS}
     )
     trl_kwargs = {**trl_kwargs, "output_dir": str(Path(args.run) / name)}
-    return name, options, common.cfg.build_trl_config(SFTConfig, trl_kwargs)
+    return name, options, cfg.build_trl_config(SFTConfig, trl_kwargs)
 
 
 def run(args: common.StageArgs) -> dict:
@@ -69,21 +73,24 @@ def run(args: common.StageArgs) -> dict:
     ]
     resolved = {"sdd": options, "trl": trl_config.to_dict()}
     inputs = {"model": start, "dataset": common.StageInput(source.describe())}
-    with common.open_stage(args, name=name, stage="sft", role=options.role, config=resolved, inputs=inputs) as stage:
+    with open_stage(args, name=name, stage="sft", role=options.role, config=resolved, inputs=inputs) as stage:
+        # imported late: a bad option fails seconds sooner
         from datasets import Dataset
-        from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
+
+        from sdd.train.callbacks import make_callbacks, summarize_logs
+        from sdd.train.trainers import GuardedSFTTrainer, train
 
         model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code)
-        trainer = common.guarded(SFTTrainer)(
+        trainer = GuardedSFTTrainer(
             model=model, args=trl_config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-            callbacks=common.make_callbacks(stage.flag, stage.dir, name, ("loss", "mean_token_accuracy")),
+            callbacks=make_callbacks(stage.flag, stage.dir, name, ("loss", "mean_token_accuracy")),
         )
-        final = common.train(trainer, stage)
+        final = train(trainer, stage)
         if final is None:
             return {}
-        metrics = common.summarize_logs(
+        metrics = summarize_logs(
             trainer.state.log_history, {"loss": "loss", "token_accuracy": "mean_token_accuracy"}
         )
         metrics.update(steps=trainer.state.global_step, examples=len(rows))
-        common.finish(stage, outputs=stage.output(options.role, final), metrics=metrics)
+        finish(stage, outputs=stage.output(options.role, final), metrics=metrics)
         return metrics

@@ -1,10 +1,14 @@
-"""`sdd status`: what a run dir (or a root of run dirs) holds, for people and for scripts."""
+"""`sdd status`: what a run dir (or a root of run dirs) holds, for people and for scripts.
+
+`--json` prints the manifests as they are, so each stage's record shows its environment too.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from sdd import environment
 from sdd.errors import SddError
 from sdd.manifest import MANIFEST_NAME, RunDir
 
@@ -50,6 +54,13 @@ def run(path: Path, *, as_json: bool = False) -> None:
             table.add_row(name, record.role or "", f"[{style}]{record.status}[/]", checkpoint,
                           key_metric(record.metrics), (record.ended_at or "")[:19])
         console.print(table)
+        recorded = {name: record.environment for name, record in RunDir(directory).records().items()}
+        if any(recorded.values()):
+            differ = environment.differences(recorded)
+            first = next(env for env in recorded.values() if env)
+            console.print(f"environment: {environment.describe(first)}" if not differ else
+                          f"[red]stages ran under different environments ({', '.join(differ)}); `--json` shows each[/]",
+                          highlight=False, markup=True)
 
 
 def print_eval(results: dict) -> None:

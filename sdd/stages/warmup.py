@@ -20,14 +20,18 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
+from sdd import config as cfg
 from sdd import data
+from sdd import samples as sample_files
 from sdd.errors import SddError
 from sdd.manifest import RunDir, atomic_write_text, fingerprint
+from sdd.samples import SAMPLING
 from sdd.stages import common
+from sdd.train.checkpoints import resume_point
+from sdd.train.lifecycle import finish, open_stage
 
 SAMPLES_FILE = "teacher-samples.jsonl"
 OBJECTIVES = ("forward-kl", "sft")
@@ -35,32 +39,50 @@ OBJECTIVES = ("forward-kl", "sft")
 
 @dataclasses.dataclass
 class WarmupOptions(common.DataOptions):
-    teacher: str | None = None
-    student: str | None = None
-    prompts: int | None = None
-    samples_per_prompt: int = 1
-    sample_temperature: float = 0.7
-    sample_top_p: float = 0.8
-    sample_top_k: int = 20
-    max_new_tokens: int = 4096
-    # Longest prompt in tokens (the authors' max_prompt_length): with max_new_tokens it sets TRL's
-    # SFTConfig.max_length, so a teacher sample is never cut, unless a layer sets max_length itself.
-    max_prompt_length: int = 2048
-    sample_seed: int = 0
-    sample_batch_size: int | None = None
-    # Prompts per flushed chunk of teacher samples: a kill loses at most one chunk, a SIGTERM waits for one.
-    sample_chunk: int = 256
-    sample_cache: str | None = None  # a folder shared between stages: same teacher + data + settings = same file
-    only_correct: bool = False
-    heldout_prompts: int = 32
-    objective: str = "forward-kl"
-    kl_temperature: float = 1.0
-    backend: str = "hf"
-    # vLLM's engine for teacher sampling (backend "vllm"); TRL's names for the same settings in GRPO
-    vllm_tensor_parallel_size: int = 1
-    vllm_gpu_memory_utilization: float = 0.9
-    vllm_max_model_length: int | None = None
-    dtype: str = "auto"
+    teacher: str | None = dataclasses.field(default=None, metadata={
+        "help": "Teacher path, hub id or run dir (default: newest teacher in the run)."})
+    student: str | None = dataclasses.field(default=None, metadata={
+        "help": "Student path, hub id or run dir (default: newest student in the run)."})
+    prompts: int | None = dataclasses.field(default=None, metadata={
+        "help": "Prompts the teacher samples for training (default: every problem); heldout_prompts more are "
+                "held out."})
+    samples_per_prompt: int = dataclasses.field(default=1, metadata={"help": "Teacher samples per prompt."})
+    sample_temperature: float = dataclasses.field(default=SAMPLING.temperature, metadata={"help": "Teacher sampling temperature."})
+    sample_top_p: float = dataclasses.field(default=SAMPLING.top_p, metadata={"help": "Teacher sampling top-p (1.0: off)."})
+    sample_top_k: int = dataclasses.field(default=SAMPLING.top_k, metadata={"help": "Teacher sampling top-k (0: off)."})
+    max_new_tokens: int = dataclasses.field(default=4096, metadata={"help": "Longest teacher sample, in tokens."})
+    max_prompt_length: int = dataclasses.field(default=2048, metadata={
+        "help": "Longest prompt in tokens (the authors' max_prompt_length): with max_new_tokens it sets TRL's "
+                "SFTConfig.max_length, so a teacher sample is never cut, unless a layer sets max_length itself."})
+    sample_seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the teacher's samples."})
+    sample_batch_size: int | None = dataclasses.field(default=None, metadata={
+        "help": "Sequences per generate call (default: the largest batch the free GPU memory holds, up to 256; 64 on CPU)."})
+    sample_chunk: int = dataclasses.field(default=256, metadata={
+        "help": "Prompts per flushed chunk of teacher samples: a kill loses at most one chunk, a SIGTERM waits "
+                "for one."})
+    sample_cache: str | None = dataclasses.field(default=None, metadata={
+        "help": "A folder of teacher samples shared between stages: same teacher, data and settings, same file."})
+    only_correct: bool = dataclasses.field(default=False, metadata={
+        "help": "Train only on the teacher samples the verifier accepts."})
+    heldout_prompts: int = dataclasses.field(default=32, metadata={
+        "help": "Prompts kept out of training, on which the forward KL to the teacher is measured before and "
+                "after."})
+    objective: str = dataclasses.field(default="forward-kl", metadata={
+        "help": "forward-kl (the teacher's whole next-token distribution) or sft (hard labels on the same "
+                "samples: the control)."})
+    kl_temperature: float = dataclasses.field(default=1.0, metadata={
+        "help": "Temperature of both models' distributions in the forward KL."})
+    kl_impl: str = dataclasses.field(default="auto", metadata={
+        "help": "Who computes the loss that trains: auto (TRL's kernel; sdd's torch formula under ZeRO-3), trl, "
+                "or torch (the readable formula in sdd/losses.py, whose docstring says which runs where)."})
+    backend: str = dataclasses.field(default="hf", metadata={"help": "Teacher sampling engine: hf (transformers) or vllm."})
+    vllm_tensor_parallel_size: int = dataclasses.field(default=1, metadata={
+        "help": "vLLM engine for teacher sampling (backend vllm): GPUs per engine (TRL's name in GRPO)."})
+    vllm_gpu_memory_utilization: float = dataclasses.field(default=0.9, metadata={
+        "help": "vLLM engine for teacher sampling: share of the GPU it takes (TRL's name in GRPO)."})
+    vllm_max_model_length: int | None = dataclasses.field(default=None, metadata={
+        "help": "vLLM engine for teacher sampling: longest prompt + completion (TRL's name in GRPO)."})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "dtype the teacher is loaded in (auto: the checkpoint's)."})
 
     def vllm_settings(self):
         from sdd.generation import VllmSettings
@@ -102,25 +124,23 @@ def teacher_samples(teacher, tokenizer, records: list[dict], options: WarmupOpti
     from sdd.generation import Ranks
 
     ranks = ranks or Ranks()
-    header = {"provenance": provenance}
-    finished = _finished_samples(path, header)
+    finished = sample_files.read(path, provenance)
     if finished is not None:
         return finished
     if path.is_file() and ranks.index == 0:
         print(f"{path.name} was made from another teacher, data or sampling settings: sampling again")
     shard, shards, writer = (options.vllm_settings().groups(ranks) if options.backend == "vllm"
                              else (ranks.index, ranks.count, True))
-    shard_header = header if shards == 1 else {**header, "shard": [shard, shards]}
-    rows = _sample_shard(teacher, tokenizer, records, options, _shard_path(path, shard, shards), shard_header,
+    rows = _sample_shard(teacher, tokenizer, records, options, _shard_path(path, shard, shards), provenance,
                          flag, shard, shards, writer, ranks)
     if rows is None:
         return None
     if ranks.index != 0:  # another rank (rank 0) writes the sample file: read it when it is complete
         return _wait_for_samples(path, provenance, flag)
     if shards > 1:
-        rows = _merge_shards(path, header, records, options.sample_chunk, shards, flag)
+        rows = _merge_shards(path, provenance, records, options.sample_chunk, shards, flag)
     if rows is not None:
-        for leftover in [path.with_name(path.name + ".partial"), *path.parent.glob(path.name + ".shard*")]:
+        for leftover in [sample_files.partial_path(path), *path.parent.glob(path.name + ".shard*")]:
             leftover.unlink(missing_ok=True)  # shards merged, or left by a run with another number of processes
     return rows
 
@@ -129,7 +149,12 @@ def _shard_path(path: Path, shard: int, shards: int) -> Path:
     return path if shards == 1 else path.with_name(f"{path.name}.shard{shard}-of-{shards}")
 
 
-def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header: dict, flag,
+def _shard_header(shard: int, shards: int) -> dict:
+    """What a shard file's header adds to the provenance: its place among the shards (none for one shard)."""
+    return {} if shards == 1 else {"shard": [shard, shards]}
+
+
+def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, provenance: dict, flag,
                   shard: int, shards: int, writer: bool, ranks) -> list[dict] | None:
     """This rank's share of every chunk, resumed from and appended to its shard's `.partial` file."""
     from sdd.generation import SamplingParams, generate, ready_for_generation
@@ -140,23 +165,19 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header
     # rows of this shard in each chunk; resuming keeps whole chunks only, since each chunk's seed is tied to
     # where it starts: a resumed run then samples exactly what an uninterrupted one would have
     per_chunk = [len(range(shard, min(chunk, len(records) - start), shards)) for start in starts]
-    partial = shard_path.with_name(shard_path.name + ".partial")
-    done = _finished_samples(shard_path, header) if shards > 1 else None  # a shard finished by an earlier launch
+    extra = _shard_header(shard, shards)
+    partial = sample_files.Partial(shard_path, provenance, **extra)
+    # a shard finished by an earlier launch
+    done = sample_files.read(shard_path, provenance, **extra) if shards > 1 else None
     resumed = done is None
     if not resumed:
         chunks_done = len(per_chunk)
     else:
-        done, has_header = _resumable_rows(partial, header)
+        done = partial.resume(whole=per_chunk, writer=writer)
         chunks_done, whole = 0, 0
         while chunks_done < len(per_chunk) and whole + per_chunk[chunks_done] <= len(done):
             whole += per_chunk[chunks_done]
             chunks_done += 1
-        del done[whole:]
-        if writer:
-            if has_header:  # cut the torn tail in place; rewriting the file would risk the chunks already sampled
-                os.truncate(partial, _byte_offset(partial, whole))
-            else:
-                atomic_write_text(partial, json.dumps(header) + "\n")
     params = SamplingParams(
         n=options.samples_per_prompt, temperature=options.sample_temperature, top_p=options.sample_top_p,
         top_k=options.sample_top_k, max_new_tokens=options.max_new_tokens, seed=options.sample_seed,
@@ -164,7 +185,12 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header
     # every rank enters (a ZeRO-3 gather is a collective), also one whose shard an earlier launch finished
     ready = ready_for_generation(teacher, ranks.device) if options.backend == "hf" else contextlib.nullcontext()
     appending = writer and chunks_done < len(per_chunk)
-    with ready, (open(partial, "a", encoding="utf-8") if appending else contextlib.nullcontext()) as handle:
+    from sdd.progress import StageProgress
+
+    shown = StageProgress("teacher sampling", sum(per_chunk) * params.n, unit="completions",
+                          completed=sum(per_chunk[:chunks_done]) * params.n) if ranks.index == 0 else None
+    with ready, (partial.append() if appending else contextlib.nullcontext()) as out, \
+            (shown.start() if shown else contextlib.nullcontext()):
         for start in list(starts)[chunks_done:]:
             if flag.requested:
                 return None
@@ -176,55 +202,27 @@ def _sample_shard(teacher, tokenizer, records, options, shard_path: Path, header
             chunk_params = dataclasses.replace(params, seed=params.seed * 1_000_003 + start)
             groups = generate(teacher, tokenizer, prompts, chunk_params, backend=options.backend,
                               batch_size=options.sample_batch_size, prompt_indices=positions,
-                              vllm=options.vllm_settings()) if prompts else []
+                              vllm=options.vllm_settings(), progress=shown.advance if shown else None) if prompts else []
             texts = [c.text for group in groups for c in group]
             scores = score_completions(texts, [r["answer"] for r in mine for _ in range(params.n)]) if texts else []
-            for i, (record, prompt, group) in enumerate(zip(mine, prompts, groups, strict=True)):
-                row = {
-                    "id": record["id"], "answer": record["answer"],
-                    "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                    "completion_ids": [c.token_ids for c in group],
-                    "correct": [bool(s) for s in scores[i * params.n : (i + 1) * params.n]],
-                    "truncated": [c.finish_reason == "length" for c in group],
-                }
-                if handle is not None:
-                    handle.write(json.dumps(row) + "\n")
-                done.append(row)
-            if handle is not None:
-                handle.flush()
-                os.fsync(handle.fileno())
+            rows = [{
+                "id": record["id"], "answer": record["answer"],
+                "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                "completion_ids": [c.token_ids for c in group],
+                "correct": [bool(s) for s in scores[i * params.n : (i + 1) * params.n]],
+                "truncated": [c.finish_reason == "length" for c in group],
+            } for i, (record, prompt, group) in enumerate(zip(mine, prompts, groups, strict=True))]
+            if out is not None:
+                out.write_rows(rows)
+            done.extend(rows)
             if ranks.index == 0:
                 print(f"teacher samples: {start + len(batch)}/{len(records)} prompts", flush=True)
     if writer and resumed:
-        os.replace(partial, shard_path)
+        partial.finish()
     return done
 
 
-def _resumable_rows(partial: Path, header: dict) -> tuple[list[dict], bool]:
-    """The whole rows of a `.partial` file, and whether it was made with `header` (else it has none for us)."""
-    if not partial.is_file():
-        return [], False
-    lines = partial.read_bytes().splitlines(keepends=True)
-    if not (lines and lines[0].endswith(b"\n") and _header_matches(lines[0], header)):
-        return [], False
-    done = []
-    for line in lines[1:]:
-        if not line.endswith(b"\n"):
-            break  # the line being written when the job died
-        try:
-            done.append(json.loads(line))
-        except ValueError:
-            break
-    return done, True
-
-
-def _byte_offset(partial: Path, rows: int) -> int:
-    """Where row `rows` (0-based, after the header) starts in a `.partial` file."""
-    lines = partial.read_bytes().splitlines(keepends=True)
-    return sum(len(line) for line in lines[: rows + 1])
-
-
-def _merge_shards(path: Path, header: dict, records: list[dict], chunk: int, shards: int, flag) -> list[dict] | None:
+def _merge_shards(path: Path, provenance: dict, records: list[dict], chunk: int, shards: int, flag) -> list[dict] | None:
     """Rank 0: wait for every shard file, interleave them back into prompt order, write `path` atomically."""
     parts: list = [None] * shards
     while None in parts:
@@ -232,7 +230,7 @@ def _merge_shards(path: Path, header: dict, records: list[dict], chunk: int, sha
             return None
         for s in range(shards):
             if parts[s] is None:
-                parts[s] = _finished_samples(_shard_path(path, s, shards), {**header, "shard": [s, shards]})
+                parts[s] = sample_files.read(_shard_path(path, s, shards), provenance, **_shard_header(s, shards))
         if None in parts:
             time.sleep(1.0)
     merged, cursors = [], [0] * shards
@@ -244,25 +242,8 @@ def _merge_shards(path: Path, header: dict, records: list[dict], chunk: int, sha
     if cursors != [len(part) for part in parts] or [r["id"] for r in merged] != [r["id"] for r in records]:
         raise SddError(f"the shards of {path.name} do not add up to its {len(records)} prompts; delete "
                        f"{path.name}.shard* and rerun")
-    atomic_write_text(path, json.dumps(header) + "\n" + "".join(json.dumps(row) + "\n" for row in merged))
+    sample_files.write(path, provenance, merged)
     return merged
-
-
-def _finished_samples(path: Path, header: dict) -> list[dict] | None:
-    """The rows of a complete sample file made with `header`; None if there is none (the file is renamed into place whole)."""
-    if not path.is_file():
-        return None
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if lines and _header_matches(lines[0], header):
-        return [json.loads(line) for line in lines[1:]]
-    return None
-
-
-def _header_matches(line: str, header: dict) -> bool:
-    try:
-        return json.loads(line) == header
-    except ValueError:  # torn by a kill mid-write
-        return False
 
 
 def cached_teacher_samples(teacher, tokenizer, records, options: WarmupOptions, stage, provenance: dict, ranks=None):
@@ -287,9 +268,8 @@ def cached_teacher_samples(teacher, tokenizer, records, options: WarmupOptions, 
     owner = path.with_suffix(".owner")
     launch = ranks.all_gather(uuid.uuid4().hex if ranks.index == 0 else None)[0]  # one name for this launch
     if ranks.index != 0:
-        header = {"provenance": provenance}
         while not stage.flag.requested:
-            finished = _finished_samples(path, header)
+            finished = sample_files.read(path, provenance)
             if finished is not None:
                 return finished
             with contextlib.suppress(OSError):
@@ -316,9 +296,8 @@ def _wait_for_samples(path: Path, provenance: dict, flag) -> list[dict] | None:
     No collective is used for the wait: sampling can outlast any collective timeout. A signal
     reaches every rank, so a waiting rank stops when rank 0 does.
     """
-    header = {"provenance": provenance}
     while not flag.requested:
-        finished = _finished_samples(path, header)
+        finished = sample_files.read(path, provenance)
         if finished is not None:
             return finished
         time.sleep(1.0)
@@ -337,55 +316,6 @@ def training_sequences(rows: list[dict], only_correct: bool) -> list[dict]:
                 "completion_mask": [0] * len(row["prompt_ids"]) + [1] * len(ids),
             })
     return out
-
-
-def forward_kl_trainer(base_cls):
-    """An SFTTrainer whose loss is forward KL to a frozen teacher instead of cross-entropy on tokens."""
-    import torch
-    from trl.models.utils import _ForwardRedirection
-
-    from sdd.agreement import last_hidden_states
-    from sdd.losses import divergence_loss
-    from sdd.models import head_for_loss
-
-    class ForwardKLTrainer(base_cls):
-        def __init__(self, *args, teacher_model, vocab_size: int, kl_temperature: float, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.vocab_size = vocab_size
-            self.kl_temperature = kl_temperature
-            self._redirect = _ForwardRedirection()
-            self.teacher_model = common.prepare_teacher(self, teacher_model)
-
-        def _kl(self, student, inputs, num_items_in_batch):
-            ids, attention, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-            scored_BT = labels[:, 1:] != -100  # position t is scored when it predicts a completion token t+1
-            h_student_BTH = last_hidden_states(student, ids, attention)[:, :-1]
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            with torch.no_grad():
-                h_teacher_BTH = self._redirect(self.teacher_model, teacher, last_hidden_states, teacher, ids, attention)
-            with head_for_loss(student, trainable=True) as head_s, head_for_loss(teacher, trainable=False) as head_t:
-                return divergence_loss(
-                    h_student_BTH, head_s, h_teacher_BTH[:, :-1], head_t, scored_BT,
-                    beta=0.0, temperature=self.kl_temperature, vocab_size=self.vocab_size,
-                    num_items_in_batch=num_items_in_batch,
-                )
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            student = self.accelerator.unwrap_model(model)
-            loss, stats = self._redirect(model, student, self._kl, student, inputs, num_items_in_batch)
-            # As SFTTrainer.compute_loss does: `num_items_in_batch` counts every rank's tokens, and DDP (and
-            # DeepSpeed) average the P ranks' gradients, so each rank's sum/all-rank-count is scaled by P. Without
-            # it the gradient, the logged loss and the clip threshold were those of a loss P times smaller.
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            mode = "train" if self.model.training else "eval"
-            tokens, kl_sum, ent_sum = (self.accelerator.gather_for_metrics(stats[key].reshape(1)).sum()
-                                       for key in ("num_tokens", "divergence_sum", "entropy_sum"))
-            self._metrics[mode]["forward_kl"].append((kl_sum / tokens.clamp(min=1)).item())
-            self._metrics[mode]["entropy"].append((ent_sum / tokens.clamp(min=1)).item())
-            return (loss, None) if return_outputs else loss
-
-    return ForwardKLTrainer
 
 
 def heldout_kl(student, teacher, rows: list[dict], vocab_size: int, pad_id: int, temperature: float) -> float:
@@ -418,12 +348,16 @@ def configure(args: common.StageArgs):
     """(stage name, sdd options, SFTConfig): every layer resolved, nothing loaded yet."""
     from trl import SFTConfig
 
+    from sdd.losses import KL_IMPLS
+
     name = args.name or "warmup"
     options, trl_kwargs = common.resolve_options(("warmup", name), WarmupOptions, SFTConfig, args, {
         **common.device_defaults(), **DEFAULTS,
     })
     if options.objective not in OBJECTIVES:
         raise SddError(f"objective must be one of {', '.join(OBJECTIVES)}, not {options.objective!r}")
+    if options.kl_impl not in KL_IMPLS:
+        raise SddError(f"kl_impl must be one of {', '.join(KL_IMPLS)}, not {options.kl_impl!r}")
     if options.sample_chunk < 1:
         raise SddError(f"sample_chunk must be at least 1, not {options.sample_chunk}")
     trl_kwargs = {**trl_kwargs, "max_length": sequence_limit(options, trl_kwargs.get("max_length", _UNSET))}
@@ -432,8 +366,8 @@ def configure(args: common.StageArgs):
     options.vllm_settings()  # a bad vLLM option fails here, before anything loads
     # The dataset is pre-tokenized (the teacher's exact tokens), so TRL cannot infer completion-only
     # training from prompt/completion columns: without this the loss would also fit the prompt tokens.
-    trl_config = common.cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name),
-                                                        "completion_only_loss": True})
+    trl_config = cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name),
+                                                 "completion_only_loss": True})
     return name, options, trl_config
 
 
@@ -473,21 +407,17 @@ def run(args: common.StageArgs) -> dict:
         raise SddError(f"{source.describe()} has {len(records)} usable problems; warmup holds out "
                        f"{options.heldout_prompts} and needs more (lower heldout_prompts or use more data)")
 
-    from transformers import AutoConfig
+    from sdd.models import load_causal_lm, load_pair
 
-    from sdd.models import load_causal_lm, load_tokenizer, shared_vocab_size
-
-    t_tok = load_tokenizer(teacher_in.path, trust_remote_code=options.trust_remote_code)
-    s_tok = load_tokenizer(student_in.path, trust_remote_code=options.trust_remote_code)
-    vocab_size = shared_vocab_size(
-        t_tok, s_tok, AutoConfig.from_pretrained(teacher_in.path, trust_remote_code=options.trust_remote_code),
-        AutoConfig.from_pretrained(student_in.path, trust_remote_code=options.trust_remote_code),
-    )
+    t_tok, s_tok, vocab_size = load_pair(teacher_in.path, student_in.path, trust_remote_code=options.trust_remote_code)
     resolved = {"sdd": options, "trl": trl_config.to_dict(), "shared_vocab_size": vocab_size}
     inputs = {"teacher": teacher_in, "student": student_in, "dataset": common.StageInput(source.describe())}
-    with common.open_stage(args, name=name, stage="warmup", role="student", config=resolved, inputs=inputs) as stage:
+    with open_stage(args, name=name, stage="warmup", role="student", config=resolved, inputs=inputs) as stage:
+        # imported late: a bad option fails seconds sooner
         from datasets import Dataset
-        from trl import SFTTrainer  # imported late: a bad option fails seconds sooner
+
+        from sdd.train.callbacks import make_callbacks, summarize_logs
+        from sdd.train.trainers import ForwardKLTrainer, GuardedSFTTrainer, train
 
         provenance = {
             "teacher": _model_identity(teacher_in.path),
@@ -525,27 +455,30 @@ def run(args: common.StageArgs) -> dict:
             "teacher_truncation_rate": sum(t for r in rows for t in r["truncated"]) / sum(len(r["truncated"]) for r in rows),
             "train_sequences": len(sequences), "heldout_prompts": len(heldout), "skipped_unparsable_golds": skipped,
         }
-        resume = common.resume_point(stage.dir)
+        resume = resume_point(stage.dir)
         before_path = stage.dir / "heldout-kl-before.json"  # measured once, before any update, kept across resumes
         if resume is None or not before_path.is_file():
             before = heldout_kl(student, teacher, heldout, vocab_size, pad_id, options.kl_temperature)
             atomic_write_text(before_path, json.dumps({"heldout_forward_kl_before": before}))
         metrics.update(json.loads(before_path.read_text()))
-        callbacks = common.make_callbacks(stage.flag, stage.dir, name, ("forward_kl", "loss"))
+        callbacks = make_callbacks(stage.flag, stage.dir, name, ("forward_kl", "loss"))
         common_kwargs = dict(model=student, args=trl_config, train_dataset=Dataset.from_list(sequences),
                              processing_class=s_tok, callbacks=callbacks)
         if options.objective == "sft":
-            trainer = common.guarded(SFTTrainer)(**common_kwargs)
+            trainer = GuardedSFTTrainer(**common_kwargs)
         else:
-            trainer = forward_kl_trainer(common.guarded(SFTTrainer))(
+            trainer = ForwardKLTrainer(
                 **common_kwargs, teacher_model=teacher, vocab_size=vocab_size, kl_temperature=options.kl_temperature,
+                kl_impl=options.kl_impl,
             )
-        final = common.train(trainer, stage, resume)
+        final = train(trainer, stage, resume)
         if final is None:
             return {}
         metrics["heldout_forward_kl_after"] = heldout_kl(student, teacher, heldout, vocab_size, pad_id,
                                                         options.kl_temperature)
-        metrics.update(common.summarize_logs(trainer.state.log_history, {"loss": "loss", "forward_kl": "forward_kl"}))
+        metrics.update(summarize_logs(trainer.state.log_history, {"loss": "loss", "forward_kl": "forward_kl"}))
         metrics["steps"] = trainer.state.global_step
-        common.finish(stage, outputs=stage.output("student", final), metrics=metrics)
+        if options.objective == "forward-kl":
+            metrics["kl_impl"] = trainer.kl_impl_ran
+        finish(stage, outputs=stage.output("student", final), metrics=metrics)
         return metrics

@@ -44,7 +44,8 @@ def tiny_config(run: Path) -> dict:
 
 
 def sdd(*argv) -> None:
-    from sdd.stages.run import OK, run_in_process
+    from sdd.cli import run_in_process
+    from sdd.experiment.execute import OK
 
     outcome, message = run_in_process([str(a) for a in argv])
     assert outcome == OK, message

@@ -39,18 +39,25 @@ def test_recipe_errors(tmp_path, fields, message):
 
 def test_plan_cycle_and_missing_stage_are_errors(tmp_path):
     planner = recipes.Planner(recipes.load(TOY), tmp_path, 1)
-    a = planner.add(run_dir=tmp_path / "x", stage="eval", name="a", args=[], options={}, after=["x:b"])
-    planner.add(run_dir=tmp_path / "x", stage="eval", name="b", args=["--other"], options={}, after=[a.id])
+    a = planner.add(run_dir=tmp_path / "x", stage="eval", name="a", flags={}, options={}, after=["x:b"])
+    planner.add(run_dir=tmp_path / "x", stage="eval", name="b", flags={"model": "other"}, options={}, after=[a.id])
     with pytest.raises(SddError, match="cycle"):
         planner.ordered()
     planner = recipes.Planner(recipes.load(TOY), tmp_path, 1)
-    planner.add(run_dir=tmp_path / "x", stage="eval", name="a", args=[], options={}, after=["x:nowhere"])
+    planner.add(run_dir=tmp_path / "x", stage="eval", name="a", flags={}, options={}, after=["x:nowhere"])
     with pytest.raises(SddError, match="missing stage x:nowhere"):
         planner.ordered()
 
 
+def student_scope_toy(tmp_path) -> Path:
+    """The toy recipe with `seed_scope: student`: teacher and bootstrap stages once, shared by every seed."""
+    recipe = yaml.safe_load(TOY.read_text())
+    recipe["seed_scope"] = "student"
+    return write(tmp_path, **recipe)
+
+
 def test_toy_plan_shares_what_is_shared(tmp_path):
-    jobs, datasets = recipes.plan(recipes.load(TOY), tmp_path, seeds=2)
+    jobs, datasets = recipes.plan(recipes.load(student_scope_toy(tmp_path)), tmp_path, seeds=2)
     ids = [j.id for j in jobs]
     assert len(ids) == len(set(ids))
     position = {j.id: i for i, j in enumerate(jobs)}
@@ -72,12 +79,49 @@ def test_toy_plan_shares_what_is_shared(tmp_path):
     assert set(datasets) == {"toy-train", "toy-test"}
 
 
+def config_of(job) -> dict:
+    return yaml.safe_load(Path(job.argv[job.argv.index("--config") + 1]).read_text())
+
+
+def test_chain_scope_repeats_the_teacher_chain_per_seed_with_its_seed(tmp_path):
+    recipe = recipes.load(TOY)
+    assert recipe.seed_scope == "chain"  # the toy covers the whole chain
+    jobs, _ = recipes.plan(recipe, tmp_path, seeds=3)
+    by_id = {j.id: j for j in jobs}
+    assert [j.id for j in jobs if j.stage == "toy-init"] == ["shared:toy-init"]  # task and base models: shared
+    for name in ("sft-teacher", "teacher-rl", "teacher-sft", "sft-student"):
+        chain = [by_id[f"shared/seed{k}:{name}"] for k in range(3)]
+        assert [config_of(j)["seed"] for j in chain] == [0, 1, 2], name
+        assert [j.seed for j in chain] == [0, 1, 2]
+        configs = [config_of(j) for j in chain]
+        for config in configs:
+            config.pop("seed")
+        assert configs[0] == configs[1] == configs[2], f"{name}: seeds differ in more than their seed"
+    assert sum(j.stage == "teacher-rl" for j in jobs) == 3
+    assert by_id["shared/seed1:teacher-rl"].after == ["shared/seed1:sft-teacher"]
+    # seed k's variants start from chain k: its student bootstrap and its teachers, nothing of another chain
+    for k in range(3):
+        warmup = by_id[f"rl-teacher-bridge/seed{k}:warmup"]
+        assert warmup.argv[warmup.argv.index("--teacher") + 1] == str(tmp_path / "shared" / f"seed{k}" / "teacher-rl" / "final")
+        assert warmup.argv[warmup.argv.index("--student") + 1] == str(tmp_path / "shared" / f"seed{k}" / "sft-student" / "final")
+        sft_bridge = by_id[f"sft-teacher-bridge/seed{k}:warmup"]
+        assert sft_bridge.argv[sft_bridge.argv.index("--teacher") + 1].endswith(f"shared/seed{k}/teacher-sft/final")
+        grpo = by_id[f"direct-grpo/seed{k}:student-rl"]
+        assert grpo.argv[grpo.argv.index("--model") + 1] == str(tmp_path / "shared" / f"seed{k}" / "sft-student" / "final")
+        assert f"shared/seed{k}:eval-teacher-rl" in by_id and f"shared/seed{k}:eval-student-base" in by_id
+        others = {f"shared/seed{j}" for j in range(3) if j != k}
+        assert not any(dep.split(":")[0] in others for j in jobs if j.seed == k for dep in j.after)
+    with pytest.raises(SddError, match="'seed_scope' must be student"):
+        recipes.load(write(tmp_path, toy=True, seed_scope="teacher"))
+
+
 def test_only_selects_with_dependencies(tmp_path):
     from sdd.stages.run import select
 
     jobs, _ = recipes.plan(recipes.load(TOY), tmp_path, seeds=1)
     chosen = {j.id for j in select(jobs, ["direct-grpo"])}
-    assert chosen == {"shared:toy-init", "shared:sft-student", "direct-grpo/seed0:student-rl", "direct-grpo/seed0:eval"}
+    assert chosen == {"shared:toy-init", "shared/seed0:sft-student", "direct-grpo/seed0:student-rl",
+                      "direct-grpo/seed0:eval"}
     with pytest.raises(SddError, match="matches no job"):
         select(jobs, ["nothing-like-this"])
 
@@ -89,9 +133,9 @@ def test_slurm_dry_run_prints_the_chain(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()
     assert all(line.startswith("sbatch --parsable") for line in out)
-    distill = next(line for line in out if "sdd:no-warmup/seed0:distill" in line)
-    assert "--dependency=afterok:<shared:teacher-rl>:<shared:sft-student>" in distill or \
-        "--dependency=afterok:<shared:sft-student>:<shared:teacher-rl>" in distill
+    distill = next(line for line in out if "no-warmup.seed0.distill --output" in line)
+    assert "--dependency=afterok:<shared/seed0:teacher-rl>:<shared/seed0:sft-student>" in distill or \
+        "--dependency=afterok:<shared/seed0:sft-student>:<shared/seed0:teacher-rl>" in distill
 
 
 @pytest.mark.parametrize("script", sorted((REPO / "examples" / "slurm").glob("*.sh")), ids=lambda p: p.name)
