@@ -222,9 +222,9 @@ def resolve(
     *,
     data_dir: str | Path | None = None,
     registered: dict[str, str] | None = None,
-    split: str | None = None,
-    config: str | None = None,
-    revision: str | None = None,
+    dataset_split: str | None = None,
+    dataset_config: str | None = None,
+    dataset_revision: str | None = None,
     problem_column: str | None = None,
     answer_column: str | None = None,
     solution_column: str | None = None,
@@ -232,9 +232,10 @@ def resolve(
 ) -> DataSource:
     """Find a dataset by run-dir registration, benchmark name, local path or hub id, in that order.
 
-    `split`, `config` and `revision` select what the hub serves (for a benchmark, over its own); the
-    column options and `answer_format` map a source's fields onto problem / answer / solution.
+    `dataset_split`, `dataset_config` and `dataset_revision` select what the hub serves (for a benchmark, over
+    its own); the column options and `answer_format` map a source's fields onto problem / answer / solution.
     """
+    split, config, revision = dataset_split, dataset_config, dataset_revision
     if answer_format is not None and answer_format not in ANSWER_FORMATS:
         raise SddError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, not {answer_format!r}")
     registered = registered or {}
@@ -381,7 +382,7 @@ def usable_problems(name: str, *, data_dir=None, registered=None, limit: int | N
                     max_bad_fraction: float = 0.05, **selection) -> tuple[DataSource, list[dict], int]:
     """Resolve, load and drop unverifiable golds: (source, records, how many were skipped).
 
-    `selection` is `resolve`'s hub selection and column mapping (split, config, revision, *_column, answer_format).
+    `selection` is `resolve`'s hub selection and column mapping (dataset_split/config/revision, *_column, answer_format).
     """
     source = resolve(name, data_dir=data_dir, registered=registered, **selection)
     records, skipped = split_usable(load(source, limit=limit), max_bad_fraction=max_bad_fraction,

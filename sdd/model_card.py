@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdd.errors import SddError
-from sdd.manifest import RecordedCheckpoint, RunDir, StageRecord, atomic_write_text
-
-CARD_NAME = "README.md"
+from sdd.manifest import CARD_NAME, RecordedCheckpoint, RunDir, StageRecord, atomic_write_text
 
 # What each stage kind does, in the words of the card.
 KINDS = {
@@ -152,12 +150,26 @@ def write(run: RunDir, stage: str, folder: Path | None = None) -> Path | None:
     return path
 
 
-def refresh_for(run: RunDir, model_input) -> Path | None:
-    """After an eval: rewrite the card of the recorded checkpoint an input entry names (its numbers changed)."""
-    checkpoint = run.follow(model_input)
+def after_eval(run: RunDir, eval_name: str) -> Path | None:
+    """Rewrite the card of the checkpoint eval `eval_name` evaluated, when a manifest recorded it; and where
+    that checkpoint's stage pushed it to the hub, push the new card there too (a failure only warns: the
+    eval itself is done). The card's path, or None for a checkpoint no manifest recorded."""
+    record = run.record(eval_name)
+    model = record.inputs.get("model") if record else None
+    checkpoint = run.follow(model) if model else None
     if checkpoint is None:
         return None
-    return write(RunDir(checkpoint.run), checkpoint.stage, checkpoint.path)
+    where = RunDir(checkpoint.run)
+    card = write(where, checkpoint.stage, checkpoint.path)
+    pushed_to = where.record(checkpoint.stage).metrics.get("pushed_to")
+    if card is not None and pushed_to:
+        import sys
+
+        try:
+            push(card.parent, pushed_to, only_card=True)
+        except SddError as err:
+            print(f"warning: {err}; the card in {card} is up to date", file=sys.stderr)
+    return card
 
 
 def push(folder: Path, repo_id: str, *, private: bool | None = None, token: str | None = None,
@@ -170,7 +182,7 @@ def push(folder: Path, repo_id: str, *, private: bool | None = None, token: str 
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    what = "the card of" if only_card else ""
+    what = "the card of " if only_card else ""
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if only_card:
@@ -181,9 +193,8 @@ def push(folder: Path, repo_id: str, *, private: bool | None = None, token: str 
                                      commit_message=f"sdd: {folder.parent.name}/{folder.name}")
     except Exception as err:  # noqa: BLE001 - the hub client raises many types; the user needs one sentence
         reason = (str(err).strip().splitlines() or [""])[0]
-        raise SddError(f"could not push {what} {folder} to the hub as {repo_id} ({type(err).__name__}: {reason}); "
-                       "check hub_model_id, your token (HF_TOKEN or `hf auth login`) and the network - the checkpoint "
-                       "and its card stay in place") from None
+        raise SddError(f"could not push {what}{folder} to the hub as {repo_id} ({type(err).__name__}: {reason}); "
+                       "check hub_model_id, your token (HF_TOKEN or `hf auth login`) and the network") from None
     return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
 
 

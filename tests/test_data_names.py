@@ -51,21 +51,21 @@ def test_the_real_files_hold_what_the_names_say(shared_data):
 
 
 def test_hub_selection_reaches_the_source_and_its_description():
-    source = data.resolve("someone/problems", split="validation", config="hard", revision="0123abc")
+    source = data.resolve("someone/problems", dataset_split="validation", dataset_config="hard", dataset_revision="0123abc")
     assert (source.hub_id, source.split, source.hub_config, source.revision) == \
         ("someone/problems", "validation", "hard", "0123abc")
     assert source.describe() == "hub:someone/problems@0123abc[hard:validation]"
     # a benchmark's own config and split are the defaults, and each can be replaced
     assert (data.resolve("gsm8k").hub_config, data.resolve("gsm8k").split) == ("main", "test")
-    assert (data.resolve("gsm8k", config="socratic", split="train").hub_config,
-            data.resolve("gsm8k", config="socratic", split="train").split) == ("socratic", "train")
+    assert (data.resolve("gsm8k", dataset_config="socratic", dataset_split="train").hub_config,
+            data.resolve("gsm8k", dataset_config="socratic", dataset_split="train").split) == ("socratic", "train")
     assert data.resolve("someone/problems").split == "train"
 
 
 def test_a_hub_load_that_fails_names_what_was_asked(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    source = data.resolve("someone/no-such-problems", split="validation", config="hard", revision="0123abc")
+    source = data.resolve("someone/no-such-problems", dataset_split="validation", dataset_config="hard", dataset_revision="0123abc")
     with pytest.raises(SddError) as err:
         data.load(source)
     message = str(err.value)
@@ -76,10 +76,10 @@ def test_a_hub_load_that_fails_names_what_was_asked(monkeypatch):
 def test_a_file_refuses_hub_selection(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"problem": "1+1?", "answer": "2"}])
     with pytest.raises(SddError, match="dataset_split select what the hub serves"):
-        data.resolve(str(path), split="test")
+        data.resolve(str(path), dataset_split="test")
     write_jsonl(tmp_path / "math500.jsonl", [{"problem": "1+1?", "answer": "2"}])
     with pytest.raises(SddError, match="dataset_config, dataset_revision select"):
-        data.resolve("math500", data_dir=tmp_path, config="x", revision="y")
+        data.resolve("math500", data_dir=tmp_path, dataset_config="x", dataset_revision="y")
 
 
 def test_columns_and_answer_format_map_a_foreign_file(tmp_path):
