@@ -3,7 +3,8 @@
 TRL's trainers report through transformers' integrations when `report_to` names a tracker, and
 name the run after `run_name` (by default the output folder, so an experiment's 57 jobs land as 57
 paths). `sdd run` gives every training job the run name `<variant>/seed<k>/<stage>` (stages shared
-by the variants: `shared/<stage>`) through TRL's own `run_name`, and the group `run_group`, the
+by the variants: `shared/<stage>`, or `shared/seed<k>/<stage>` with `seed_scope: chain`), its run dir
+under the experiment root and its stage, through TRL's own `run_name`; and the group `run_group`, the
 experiment (its root folder's name). A stage run by hand is named `<run dir>/<stage>`.
 
 TrainingArguments has no group field, so the group reaches each tracker its own way: wandb reads
