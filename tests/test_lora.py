@@ -13,9 +13,9 @@ import json
 import pytest
 from conftest import sdd, set_tiny, weights
 
-from sdd.manifest import RunDir
 from sdd.cli import run_in_process
 from sdd.experiment.execute import FAILED
+from sdd.manifest import RunDir
 
 
 def lora_count(model_dir, r: int, targets=("q_proj", "v_proj")) -> int:

@@ -3,8 +3,9 @@
 
 The student samples completions for each prompt; its loss is the per-token reverse KL to a frozen
 teacher over the whole vocabulary, on its own samples (sdd's `OnPolicyDistiller`, a TRL
-`DistillationTrainer` with sdd's loss). Every option is a field of `DistillationConfig`,
-`ModelConfig` (LoRA via `--use_peft`) or the script arguments below, on the command line or in a
+`DistillationTrainer` with sdd's loss). Every option is a field of `DistillationConfig`
+(the teacher too: `--teacher_model_name_or_path`, `--teacher_model_revision`), `ModelConfig` (LoRA via
+`--use_peft`) or the script arguments below, on the command line or in a
 YAML file (`--config distill.yaml`):
 
     accelerate launch --config_file examples/accelerate/zero3.yaml examples/scripts/distill.py \\
@@ -32,8 +33,6 @@ from sdd.train import OnPolicyDistiller
 
 @dataclass
 class DistillScriptArguments(ScriptArguments):
-    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher: hub id or path."})
-    teacher_model_revision: str = field(default="main", metadata={"help": "The teacher's revision (branch, tag, commit)."})
     dataset_prompt_column: str = field(default="problem", metadata={"help": "Column holding each problem's text."})
     estimator: str = field(default="full-vocab", metadata={
         "help": "full-vocab (analytic KL over the vocabulary) or sampled-token (the single-sample estimate)."})
@@ -43,7 +42,7 @@ def load_problems(script_args: DistillScriptArguments):
     """The training split as conversational prompts: sdd's one prompt (problem + boxed-answer instruction)."""
     name = script_args.dataset_name
     if name.endswith((".json", ".jsonl")):
-        dataset = load_dataset("json", data_files=name, split="train")
+        dataset = load_dataset("json", data_files=name, split=script_args.dataset_train_split)
     else:
         dataset = load_dataset(name, script_args.dataset_config, split=script_args.dataset_train_split)
     column = script_args.dataset_prompt_column
@@ -56,16 +55,15 @@ def load_problems(script_args: DistillScriptArguments):
 
 
 def main(script_args: DistillScriptArguments, training_args: DistillationConfig, model_args: ModelConfig) -> None:
-    if not script_args.teacher_model_name_or_path:
+    teacher_name, teacher_revision = training_args.teacher_model_name_or_path, training_args.teacher_model_revision
+    if not teacher_name:
         raise SystemExit("--teacher_model_name_or_path is required")
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    teacher_tokenizer = AutoTokenizer.from_pretrained(script_args.teacher_model_name_or_path,
-                                                      revision=script_args.teacher_model_revision)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name, revision=teacher_revision)
     student = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
                                                    dtype=model_args.dtype)
-    teacher = AutoModelForCausalLM.from_pretrained(script_args.teacher_model_name_or_path,
-                                                   revision=script_args.teacher_model_revision, dtype=model_args.dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_name, revision=teacher_revision, dtype=model_args.dtype)
     vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer, teacher.config,
                                    AutoConfig.from_pretrained(model_args.model_name_or_path,
                                                               revision=model_args.model_revision))

@@ -40,7 +40,7 @@ def load_pairs(script_args: ForwardKLScriptArguments):
     """Conversational prompt/completion pairs; SFTTrainer then scores only the completion tokens."""
     name = script_args.dataset_name
     if name.endswith((".json", ".jsonl")):
-        dataset = load_dataset("json", data_files=name, split="train")
+        dataset = load_dataset("json", data_files=name, split=script_args.dataset_train_split)
     else:
         dataset = load_dataset(name, script_args.dataset_config, split=script_args.dataset_train_split)
 
