@@ -12,6 +12,7 @@ finishing, an eval of it). The content fingerprint of a checkpoint leaves its ca
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +33,24 @@ KINDS = {
 HEADLINE_METRICS = ("reward", "reverse_kl", "forward_kl", "heldout_forward_kl_after", "loss")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Step:
-    """A stage in the making of a checkpoint: where its record lives, and the record."""
+    """A stage in the making of a checkpoint: where its record lives, the record, and where its inputs came from."""
 
     run: Path
     name: str
     record: StageRecord
-
-    @property
-    def label(self) -> str:
-        return f"{self.run.name}/{self.name}"
+    sources: dict[str, tuple[Path, str]] = dataclasses.field(default_factory=dict)  # input key -> (run, stage)
+    label: str = ""  # `<run dir>/<stage>`, the run dir relative to the lineage's common folder
 
 
 def lineage(run: RunDir, stage: str) -> list[Step]:
     """`stage` and every stage whose checkpoint went into it, followed through the manifests, oldest first.
 
     Inputs are followed by the stage and run dir they record (`RunDir.follow`, which checks the
-    fingerprint), so a teacher from a shared run dir is part of a variant's student lineage.
+    fingerprint), so a teacher from a shared run dir is part of a variant's student lineage. Labels name
+    run dirs from the folder they share (`shared/seed0/teacher-rl`, `rl-teacher-bridge/seed0/distill`);
+    a lineage inside one run dir names it by its own name.
     """
     found: dict[tuple[Path, str], Step] = {}
     pending = [(run, stage)]
@@ -61,13 +62,19 @@ def lineage(run: RunDir, stage: str) -> list[Step]:
         record = where.record(name)
         if record is None:
             continue
-        found[key] = Step(key[0], name, record)
+        step = found[key] = Step(key[0], name, record)
         for input_key, entry in record.inputs.items():
             if input_key == "dataset":
                 continue
             source = where.follow(entry, role=input_key if input_key in ("teacher", "student") else None)
             if source is not None:
+                step.sources[input_key] = (source.run, source.stage)
                 pending.append((RunDir(source.run), source.stage))
+    runs = {step.run for step in found.values()}
+    common = Path(os.path.commonpath([str(r) for r in runs]))
+    for step in found.values():
+        where = step.run.name if len(runs) == 1 else step.run.relative_to(common).as_posix()
+        step.label = f"{where}/{step.name}"
     return sorted(found.values(), key=lambda step: (step.record.ended_at or "", step.name))
 
 
@@ -91,18 +98,28 @@ def render(run: RunDir, stage: str) -> str:
     if record is None or not record.outputs:
         raise SddError(f"stage '{stage}' of {run.path} has no checkpoint to describe")
     steps = lineage(run, stage)
+    this = next(step for step in steps if step.run == run.path.resolve() and step.name == stage)
     role = record.main_output()[0]
     checkpoints = _checkpoints(steps)
-    lines = [*_front_matter(steps, record), f"# {run.path.name}/{stage}", ""]
+    lines = [*_front_matter(steps, record), f"# {this.label}", ""]
     lines += [f"The {role} checkpoint made by `sdd {record.stage}`, {KINDS.get(record.stage or '', record.stage)}. "
               f"It is the `final/` folder of stage `{stage}` in the sdd run directory `{run.path.name}`; this card is "
-              "written from that run's manifest.", ""]
+              "written from the manifests of the run directories that made it.", ""]
+    for step in steps:  # LoRA changes what a checkpoint is: say it up front, not only in the config blocks
+        own = step.record.config.get("sdd", {}) if isinstance(step.record.config, dict) else {}
+        if own.get("use_peft"):
+            kept = "the adapter alone" if own.get("adapter_only") else "merged into full weights"
+            lines += [f"`{step.label}` trained a LoRA adapter (r {own.get('lora_r')}, alpha {own.get('lora_alpha')}, "
+                      f"modules {own.get('lora_target_modules') or 'PEFT default'}), saved {kept}; "
+                      f"{step.record.metrics.get('trainable_parameters', '?')} of "
+                      f"{step.record.metrics.get('total_parameters', '?')} parameters trained.", ""]
     lines += ["## How it was made", "",
               "| # | stage | what | role | from | data | steps | wall time | headline |",
               "|---|---|---|---|---|---|---|---|---|"]
     for number, step in enumerate(steps, 1):
         r = step.record
-        starts = ", ".join(f"{key}: {_input_label(entry, steps)}" for key, entry in r.inputs.items() if key != "dataset")
+        starts = ", ".join(f"{key}: {_input_label(step, key, entry, steps)}" for key, entry in r.inputs.items()
+                           if key != "dataset")
         data = r.inputs["dataset"].path if "dataset" in r.inputs else ""
         lines.append(f"| {number} | `{step.label}` | `sdd {r.stage}` | {r.role or ''} | {starts or 'none'} | {data} | "
                      f"{r.metrics.get('steps', '')} | {_seconds(r.metrics.get('wall_time_s'))} | {_headline(r.metrics)} |")
@@ -114,7 +131,7 @@ def render(run: RunDir, stage: str) -> str:
                   "| model | benchmark | avg@k | ± std over seeds | pass@k | problems | samples x seeds |",
                   "|---|---|---|---|---|---|---|"]
         for step, _, ev in rows:
-            lines.append(_eval_row(step, ev, this=step.name == stage and step.run == run.path.resolve()))
+            lines.append(_eval_row(step, ev, this=step is this))
     else:
         lines.append("No evaluation of this checkpoint or the ones it came from is recorded yet "
                      f"(`sdd eval --run {run.path} --model {run.path / stage / 'final'}` adds one to this card).")
@@ -232,11 +249,11 @@ def _hub_id(text: str) -> str | None:
     return None
 
 
-def _input_label(entry, steps: list[Step]) -> str:
-    if entry.from_stage:
-        run = next((s.run.name for s in steps if s.name == entry.from_stage and s.record.outputs), None)
-        return f"`{run}/{entry.from_stage}`" if run else f"`{entry.from_stage}`"
-    return f"`{entry.path}`"
+def _input_label(step: Step, key: str, entry, steps: list[Step]) -> str:
+    """An input as the card names it: the stage (label) it came from, else the path or hub id it was given."""
+    source = step.sources.get(key)
+    label = next((s.label for s in steps if source and (s.run, s.name) == source), None)
+    return f"`{label}`" if label else f"`{entry.path}`"
 
 
 def _headline(metrics: dict) -> str:
@@ -252,7 +269,7 @@ def _eval_row(step: Step, ev: StageRecord, *, this: bool) -> str:
     avg = next((k for k in metrics if k.startswith("avg@") and not k.endswith("_std_seeds")), None)
     passes = [k for k in metrics if k.startswith("pass@")]
     top = max(passes, key=lambda k: int(k.split("@")[1])) if passes else None
-    std = metrics.get(f"{avg}_std_seeds") if avg else None
+    std = metrics.get(f"{avg}_std_seeds") if avg and metrics.get("seeds", 1) > 1 else None
     samples = avg.split("@")[1] if avg else "?"
     model = f"**{step.label}** (this)" if this else f"`{step.label}`"
     return (f"| {model} | {metrics.get('benchmark', ev.name)} | {_number(metrics.get(avg)) if avg else ''} ({avg or '?'}) | "
