@@ -6,6 +6,7 @@ The experiment is the toy recipe at its smallest (one variant, one seed, tiny st
 `sdd run` in a child process whose TRACKIO_DIR is a temporary folder.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -19,8 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINING = ("teacher-rl", "warmup", "distill")
 
 
-def test_toy_experiment_logs_one_named_run_per_training_job(tmp_path):
+@pytest.fixture(scope="module")
+def toy_experiment(tmp_path_factory):
+    """(root, env): the toy recipe's rl-teacher-bridge at tiny sizes, every training kind reporting to trackio."""
     pytest.importorskip("trackio")
+    tmp_path = tmp_path_factory.mktemp("tracking")
     recipe = yaml.safe_load((REPO / "examples" / "recipes" / "toy.yaml").read_text())
     recipe.update(variants=["rl-teacher-bridge"], seeds=1, bootstrap=False, eval={"samples": 1, "limit": 8})
     recipe["stages"] = {**recipe["stages"], **TINY}
@@ -35,15 +39,17 @@ def test_toy_experiment_logs_one_named_run_per_training_job(tmp_path):
     ran = subprocess.run([sys.executable, "-m", "sdd", "run", str(path), "--root", str(root), "--jobs", "1"],
                          capture_output=True, text=True, timeout=1800, env=env)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    return root, env
 
+
+def test_toy_experiment_logs_one_named_run_per_training_job(toy_experiment):
+    root, env = toy_experiment
     read = subprocess.run([sys.executable, "-c", (
         "import json; from trackio.api import Api; from trackio.sqlite_storage import SQLiteStorage\n"
         "runs = {r.name: {'group': r.config.get('_Group'), 'steps': len(SQLiteStorage.get_logs('sdd-test', r.name))}"
         " for r in Api().runs('sdd-test')}\n"
         "print(json.dumps(runs))")], capture_output=True, text=True, timeout=120, env=env)
     assert read.returncode == 0, read.stderr[-3000:]
-    import json
-
     runs = json.loads(read.stdout.strip().splitlines()[-1])
     # stages shared by the variants run in shared/seed<k> (one teacher per training seed)
     expected = {"shared/seed0/teacher-rl", "rl-teacher-bridge/seed0/warmup", "rl-teacher-bridge/seed0/distill"}
@@ -51,3 +57,18 @@ def test_toy_experiment_logs_one_named_run_per_training_job(tmp_path):
     for name, run in runs.items():
         assert run["group"] == "toy-exp", (name, run)
         assert run["steps"] >= 1, (name, run)  # metrics were logged, not only a run opened
+
+
+def test_the_students_card_follows_its_lineage_into_the_shared_run_dir(toy_experiment):
+    """The same experiment's distilled student: its card names the shared teacher's stages and their evals."""
+    from sdd.manifest import RunDir
+
+    root, _ = toy_experiment
+    card = (root / "rl-teacher-bridge" / "seed0" / "distill" / "final" / "README.md").read_text()
+    assert card.splitlines()[card.splitlines().index("---", 1) + 2] == "# rl-teacher-bridge/seed0/distill"
+    assert "teacher: `shared/seed0/teacher-rl`, student: `rl-teacher-bridge/seed0/warmup`" in card
+    teacher_eval = next(r for n, r in RunDir(root / "shared" / "seed0").records().items()
+                        if n.startswith("eval-teacher-rl"))
+    row = next(line for line in card.splitlines() if line.startswith("| `shared/seed0/teacher-rl` | toy-test"))
+    assert f"{teacher_eval.metrics['avg@1']:.3f} (avg@1)" in row
+    assert any(line.startswith("| **rl-teacher-bridge/seed0/distill** (this) | toy-test") for line in card.splitlines())
