@@ -3,7 +3,8 @@ and grouped by the experiment, read back here from trackio's local store (no ser
 About 40 s on 2 CPU cores.
 
 The experiment is the toy recipe at its smallest (one variant, one seed, tiny steps) run by the real
-`sdd run` in a child process whose TRACKIO_DIR is a temporary folder.
+`sdd run` in a child process whose TRACKIO_DIR is a temporary folder. The same experiment's distilled
+student also shows that its model card follows the lineage across run dirs.
 """
 
 import json
