@@ -46,6 +46,7 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check sdd tests benchmarks
+	$(BIN)/lint-imports
 
 # The toy experiment end to end: every variant, SEEDS seeds, two jobs side by side, then the report.
 demo: install
