@@ -15,6 +15,7 @@ DEMO_ROOT ?= runs/toy-exp
 SEEDS ?= 3
 EXTRAS ?= dev
 comma := ,
+space := $() $()
 EXTRA_NAMES := $(filter-out dev,$(subst $(comma), ,$(EXTRAS)))
 EXTRA_LOCKS := $(foreach extra,$(EXTRA_NAMES),$(wildcard requirements-$(extra).lock))
 UNLOCKED_EXTRAS := $(foreach extra,$(EXTRA_NAMES),$(if $(wildcard requirements-$(extra).lock),,$(extra)))
@@ -32,7 +33,7 @@ $(BIN)/sdd: pyproject.toml $(LOCK) $(EXTRA_LOCKS)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q --no-deps -r $(LOCK) $(addprefix -r ,$(EXTRA_LOCKS))
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
-	$(if $(UNLOCKED_EXTRAS),$(BIN)/python -m pip install -q -e ".[$(subst $() ,$(comma),$(UNLOCKED_EXTRAS))]")
+	$(if $(UNLOCKED_EXTRAS),$(BIN)/python -m pip install -q -e ".[$(subst $(space),$(comma),$(strip $(UNLOCKED_EXTRAS)))]")
 	$(BIN)/python -m pip check
 	touch $@
 
