@@ -23,7 +23,14 @@ class Sequence:
 
 
 def last_hidden_states(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-    """Backbone output before the lm_head: what the chunked divergence projects tile by tile."""
+    """Backbone output before the lm_head: what the chunked divergence projects tile by tile.
+
+    A PEFT model's `base_model` is its tuner (LoRA layers around the whole causal LM); the backbone, LoRA
+    layers in place, is that causal LM's own `base_model`."""
+    from accelerate.utils import is_peft_model
+
+    if is_peft_model(model):
+        model = model.get_base_model()
     return model.base_model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).last_hidden_state
 
 

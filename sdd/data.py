@@ -3,9 +3,14 @@
 Every source is reduced to the same records, `{"id", "problem", "answer"}` plus `"solution"` where
 the source has worked solutions, so stages never care where the data came from. Named
 benchmarks resolve to a local file when `--data-dir` holds it (these machines cannot reach the
-hub) and to their hub dataset otherwise. A source's own answer instructions (DAPO's "Answer:" wrapper,
-trailing boxed instructions) are removed, so every problem reaches the model in the one prompt of
-`user_message`.
+hub) and to their hub dataset otherwise; a name means the same problems either way. A source's own answer instructions
+(DAPO's "Answer:" wrapper, trailing boxed instructions) are removed, so every problem reaches the
+model in the one prompt of `user_message`.
+
+Hub datasets are read as the hub has them: a config (`datasets.load_dataset`'s `name`), a split and
+a revision, and a column mapping (problem, answer, solution, and how the answer is written), all
+stage options (`dataset_config`, `dataset_split`, `dataset_revision`, `problem_column`,
+`answer_column`, `solution_column`, `answer_format`).
 """
 
 from __future__ import annotations
@@ -58,29 +63,46 @@ def strip_dapo_wrapper(text: str) -> str | None:
     return match["problem"] if match and match["problem"].strip() else None
 
 
+ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+
+
 @dataclass(frozen=True)
 class Benchmark:
-    """Where a named dataset lives and how its fields map onto problem/answer."""
+    """Where a named dataset lives, on disk and on the hub, and how its fields map onto problem/answer.
+
+    A name stands for one set of problems (`about`), whichever of the two it is read from.
+    """
 
     file: str
-    hub_id: str
+    hub_id: str | None  # None: a local file only (no hub dataset holds exactly these problems)
     hub_split: str
     problem_column: str = "problem"
     answer_column: str = "answer"
     answer_format: str = "plain"  # "plain" | "gsm8k" (text ending in "#### N") | "boxed" (last \boxed{} of a solution)
     hub_config: str | None = None
     prompt_format: str = "plain"  # "plain" | "dapo" (problem inside DAPO's Answer: wrapper, stripped on load)
+    about: str = ""
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "math500": Benchmark("math500.jsonl", "HuggingFaceH4/MATH-500", "test"),
-    "aime24": Benchmark("aime24.jsonl", "HuggingFaceH4/aime_2024", "train"),
-    "aime25": Benchmark("aime25.jsonl", "math-ai/aime25", "test"),
-    "amc23": Benchmark("amc23.jsonl", "math-ai/amc23", "test"),
-    "gsm8k": Benchmark("gsm8k-test.jsonl", "openai/gsm8k", "test", "question", "answer", "gsm8k", "main"),
-    "gsm8k-train": Benchmark("gsm8k-train.jsonl", "openai/gsm8k", "train", "question", "answer", "gsm8k", "main"),
-    "math-train": Benchmark("math-train.jsonl", "DigitalLearningGmbH/MATH-lighteval", "train", "problem", "solution", "boxed"),
-    "dapo-math": Benchmark("dapo-math.jsonl", "open-r1/DAPO-Math-17k-Processed", "train", "prompt", "solution", "plain", "en", "dapo"),
+    "math500": Benchmark("math500.jsonl", "HuggingFaceH4/MATH-500", "test",
+                         about="MATH-500, the 500 MATH test problems of PRM800K's split"),
+    "aime24": Benchmark("aime24.jsonl", "HuggingFaceH4/aime_2024", "train", about="AIME 2024 I and II"),
+    "aime25": Benchmark("aime25.jsonl", "math-ai/aime25", "test", about="AIME 2025 I and II"),
+    "amc23": Benchmark("amc23.jsonl", "math-ai/amc23", "test", about="AMC 2023"),
+    "gsm8k": Benchmark("gsm8k-test.jsonl", "openai/gsm8k", "test", "question", "answer", "gsm8k", "main",
+                       about="GSM8K test"),
+    "gsm8k-train": Benchmark("gsm8k-train.jsonl", "openai/gsm8k", "train", "question", "answer", "gsm8k", "main",
+                             about="GSM8K train"),
+    # MATH's training split (Hendrycks et al.): 7,500 problems with worked solutions, offline and online.
+    "math-train": Benchmark("math-hendrycks-train.jsonl", "DigitalLearningGmbH/MATH-lighteval", "train", "problem",
+                            "solution", "boxed", about="MATH train, 7,500 problems"),
+    # PRM800K's other test problems: MATH test minus MATH-500. No hub dataset holds exactly these; the
+    # file is math-train.jsonl in ../shared/data, which `math-train` named offline before it had one meaning.
+    "math-test-4500": Benchmark("math-train.jsonl", None, "test",
+                                about="MATH test minus MATH-500, 4,500 problems"),
+    "dapo-math": Benchmark("dapo-math.jsonl", "open-r1/DAPO-Math-17k-Processed", "train", "prompt", "solution", "plain",
+                           "en", "dapo", about="DAPO-Math-17k (open-r1's processed copy)"),
 }
 
 
@@ -157,15 +179,17 @@ def read_records(path: Path) -> list[dict]:
     return rows
 
 
-def _hub_records(hub_id: str, split: str, config: str | None) -> list[dict]:
+def _hub_records(hub_id: str, split: str, config: str | None, revision: str | None = None) -> list[dict]:
     import datasets
 
     try:
-        return datasets.load_dataset(hub_id, config, split=split).to_list()
+        return datasets.load_dataset(hub_id, config, split=split, revision=revision).to_list()
     except Exception as err:  # noqa: BLE001 - the hub client raises many types; the user needs one sentence
+        what = ", ".join(f"{k} {v}" for k, v in (("config", config), ("split", split), ("revision", revision)) if v)
         raise SddError(
-            f"could not load dataset '{hub_id}' (split {split}) from the hub: {type(err).__name__}: {str(err).splitlines()[0]}"
-            " - pass a local file, or --data-dir with the benchmark files"
+            f"could not load dataset '{hub_id}' ({what}) from the hub: {type(err).__name__}: {str(err).splitlines()[0]}"
+            " - pass a local file, or --data-dir with the benchmark files (dataset_config / dataset_split / "
+            "dataset_revision pick what the hub serves)"
         ) from None
 
 
@@ -182,9 +206,15 @@ class DataSource:
     answer_format: str
     hub_config: str | None = None
     prompt_format: str = "plain"  # see Benchmark.prompt_format
+    revision: str | None = None
+    solution_column: str = "solution"
 
     def describe(self) -> str:
-        return str(self.path) if self.path else f"hub:{self.hub_id}[{self.split}]"
+        if self.path:
+            return str(self.path)
+        config = f"{self.hub_config}:" if self.hub_config else ""
+        revision = f"@{self.revision}" if self.revision else ""
+        return f"hub:{self.hub_id}{revision}[{config}{self.split}]"
 
 
 def resolve(
@@ -192,18 +222,39 @@ def resolve(
     *,
     data_dir: str | Path | None = None,
     registered: dict[str, str] | None = None,
-    split: str | None = None,
+    dataset_split: str | None = None,
+    dataset_config: str | None = None,
+    dataset_revision: str | None = None,
     problem_column: str | None = None,
     answer_column: str | None = None,
+    solution_column: str | None = None,
+    answer_format: str | None = None,
 ) -> DataSource:
-    """Find a dataset by run-dir registration, benchmark name, local path or hub id, in that order."""
+    """Find a dataset by run-dir registration, benchmark name, local path or hub id, in that order.
+
+    `dataset_split`, `dataset_config` and `dataset_revision` select what the hub serves (for a benchmark, over
+    its own); the column options and `answer_format` map a source's fields onto problem / answer / solution.
+    """
+    split, config, revision = dataset_split, dataset_config, dataset_revision
+    if answer_format is not None and answer_format not in ANSWER_FORMATS:
+        raise SddError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, not {answer_format!r}")
     registered = registered or {}
+    columns = {"solution_column": solution_column or "solution"}
+    hub_selection = {k: v for k, v in (("dataset_split", split), ("dataset_config", config),
+                                       ("dataset_revision", revision)) if v is not None}
+
+    def local_file(path: Path) -> Path:
+        if hub_selection:  # a file has no splits, configs or revisions: the option would silently do nothing
+            raise SddError(f"{', '.join(hub_selection)} select what the hub serves, but '{name}' is read from {path}; "
+                           "drop them, or name the hub dataset instead")
+        return path
+
     if name in registered:
-        path = Path(registered[name])
-        return DataSource(name, path, None, None, problem_column or "problem", answer_column or "answer", "plain")
+        path = local_file(Path(registered[name]))
+        return DataSource(name, path, None, None, problem_column or "problem", answer_column or "answer",
+                          answer_format or "plain", **columns)
     if name in BENCHMARKS:
         spec = BENCHMARKS[name]
-        cols = (problem_column or spec.problem_column, answer_column or spec.answer_column)
         if data_dir is not None:
             local = Path(data_dir) / spec.file
             if local.is_file():
@@ -213,26 +264,45 @@ def resolve(
                 fmt = "gsm8k" if spec.answer_format == "gsm8k" else "plain"
                 local_answer = spec.answer_column if spec.answer_format == "plain" else "answer"
                 local_cols = (problem_column or spec.problem_column, answer_column or local_answer)
-                return DataSource(name, local, None, None, *local_cols, fmt, prompt_format=spec.prompt_format)
-            raise SddError(f"benchmark '{name}' expects {local}; it is not there (check --data-dir)")
-        return DataSource(name, None, spec.hub_id, split or spec.hub_split, *cols, spec.answer_format, spec.hub_config,
-                          spec.prompt_format)
+                return DataSource(name, local_file(local), None, None, *local_cols, answer_format or fmt,
+                                  prompt_format=spec.prompt_format, **columns)
+            raise SddError(f"benchmark '{name}' ({spec.about}) expects {local}; it is not there (check --data-dir)"
+                           + _RENAMED.get(name, ""))
+        if spec.hub_id is None:
+            raise SddError(f"benchmark '{name}' ({spec.about}) is a local file only ({spec.file}); pass --data-dir "
+                           "with that file")
+        cols = (problem_column or spec.problem_column, answer_column or spec.answer_column)
+        return DataSource(name, None, spec.hub_id, split or spec.hub_split, *cols, answer_format or spec.answer_format,
+                          config or spec.hub_config, spec.prompt_format, revision, **columns)
     path = Path(name)
     if path.exists() or path.suffix.lower() in (".jsonl", ".json", ".parquet") or name.startswith((".", "/")):
         if path.is_dir():
             raise SddError(f"dataset {path} is a directory; name a .jsonl, .json or .parquet file")
         if not path.exists():
             raise SddError(f"dataset file {path} does not exist")
-        return DataSource(name, path, None, None, problem_column or "problem", answer_column or "answer", "plain")
+        return DataSource(name, local_file(path), None, None, problem_column or "problem", answer_column or "answer",
+                          answer_format or "plain", **columns)
     if "/" in name:
-        return DataSource(name, None, name, split or "train", problem_column or "problem", answer_column or "answer", "plain")
+        return DataSource(name, None, name, split or "train", problem_column or "problem", answer_column or "answer",
+                          answer_format or "plain", config, "plain", revision, **columns)
     known = ", ".join(sorted(set(BENCHMARKS) | set(registered)))
     raise SddError(f"unknown dataset '{name}': use a file path, a hub id (owner/name), or one of: {known}")
 
 
+# Names whose meaning changed: said where the file a name used to mean is looked for and not found.
+_RENAMED = {
+    "math-train": "; math-train is MATH's 7,500-problem training split (math-hendrycks-train.jsonl), the 4,500 "
+                  "MATH test problems outside MATH-500 (math-train.jsonl) are `math-test-4500`",
+}
+
+# What to pass where a column is missing: these are options, set with --set or in a --config file.
+_COLUMN_OPTIONS = "--set problem_column=NAME / --set answer_column=NAME"
+
+
 def load(source: DataSource, *, limit: int | None = None, require_solution: bool = False) -> list[dict]:
     """Records `{"id", "problem", "answer", "solution"?}`; bad data stops here with what to fix."""
-    rows = read_records(source.path) if source.path else _hub_records(source.hub_id, source.split, source.hub_config)
+    rows = (read_records(source.path) if source.path
+            else _hub_records(source.hub_id, source.split, source.hub_config, source.revision))
     where = source.describe()
     if not rows:
         raise SddError(f"dataset {where} is empty")
@@ -243,10 +313,11 @@ def load(source: DataSource, *, limit: int | None = None, require_solution: bool
         if column not in first:
             raise SddError(
                 f"dataset {where} has no column '{column}' (columns: {', '.join(first)}); "
-                "name the right one with --problem-column / --answer-column"
+                f"name the right one with {_COLUMN_OPTIONS}"
             )
-    if require_solution and "solution" not in first:
-        raise SddError(f"dataset {where} has no 'solution' column with worked solutions, which sft trains on")
+    if require_solution and source.solution_column not in first:
+        raise SddError(f"dataset {where} has no '{source.solution_column}' column with worked solutions, which sft "
+                       f"trains on (columns: {', '.join(first)}); name it with --set solution_column=NAME")
     records = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -275,8 +346,8 @@ def load(source: DataSource, *, limit: int | None = None, require_solution: bool
             "problem": problem,
             "answer": answer_text(raw, source.answer_format),
         }
-        if "solution" in row and isinstance(row["solution"], str):
-            record["solution"] = row["solution"]
+        if isinstance(row.get(source.solution_column), str):
+            record["solution"] = row[source.solution_column]
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
@@ -297,7 +368,7 @@ def split_usable(records: list[dict], *, max_bad_fraction: float, where: str) ->
     if records and bad / len(records) > max_bad_fraction:
         raise SddError(
             f"dataset {where}: {bad} of {len(records)} gold answers cannot be parsed "
-            f"(more than {max_bad_fraction:.0%}); check --answer-column or the file, or raise --set max_bad_answers"
+            f"(more than {max_bad_fraction:.0%}); check --set answer_column / --set answer_format or the file, or raise --set max_bad_answers"
         )
     if bad:
         import sys
@@ -307,11 +378,13 @@ def split_usable(records: list[dict], *, max_bad_fraction: float, where: str) ->
     return usable, bad
 
 
-def usable_problems(name: str, *, data_dir=None, registered=None, problem_column=None, answer_column=None,
-                    limit: int | None = None, max_bad_fraction: float = 0.05) -> tuple[DataSource, list[dict], int]:
-    """Resolve, load and drop unverifiable golds: (source, records, how many were skipped)."""
-    source = resolve(name, data_dir=data_dir, registered=registered, problem_column=problem_column,
-                     answer_column=answer_column)
+def usable_problems(name: str, *, data_dir=None, registered=None, limit: int | None = None,
+                    max_bad_fraction: float = 0.05, **selection) -> tuple[DataSource, list[dict], int]:
+    """Resolve, load and drop unverifiable golds: (source, records, how many were skipped).
+
+    `selection` is `resolve`'s hub selection and column mapping (dataset_split/config/revision, *_column, answer_format).
+    """
+    source = resolve(name, data_dir=data_dir, registered=registered, **selection)
     records, skipped = split_usable(load(source, limit=limit), max_bad_fraction=max_bad_fraction,
                                     where=source.describe())
     return source, records, skipped

@@ -56,13 +56,23 @@ def library_versions() -> dict[str, str]:
     return {"sdd": sdd.__version__, **{name: version for name, version in found.items() if version is not None}}
 
 
+# A checkpoint folder's model card (sdd.model_card) describes it and is rewritten as evals of it finish; it is
+# not part of what the checkpoint holds, so it is left out of its fingerprint (with the card's temp file).
+CARD_NAME = "README.md"
+
+
+def _is_card(rel: str) -> bool:
+    return rel == CARD_NAME or (rel.startswith(f".{CARD_NAME}.") and rel.endswith(".tmp"))
+
+
 def fingerprint(path: str | Path) -> str:
-    """Content fingerprint of a file or a checkpoint directory (names, sizes and bytes)."""
+    """Content fingerprint of a file or a checkpoint directory (names, sizes and bytes; a folder's card left out)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(path)
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not _is_card(p.relative_to(path).as_posix()))
     for file in files:
         rel = file.name if file == path else file.relative_to(path).as_posix()
         size = file.stat().st_size

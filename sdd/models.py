@@ -24,7 +24,7 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
 
 
-def check_reference(name: str, *, trust_remote_code: bool = False) -> None:
+def check_reference(name: str, *, trust_remote_code: bool = False, revision: str | None = None) -> None:
     """Fail early, before any heavy import, download or manifest record, on a local model sdd must not load.
 
     Checked here from config.json and the file names alone: a path that is not there, a model that is
@@ -37,8 +37,15 @@ def check_reference(name: str, *, trust_remote_code: bool = False) -> None:
         raise SddError(f"model {name} does not exist (neither a local directory nor an owner/name hub id)")
     if not path.is_dir():
         return
+    if revision:  # from_pretrained ignores a revision for a folder: the model would not be the one asked for
+        raise SddError(f"a revision ({revision}) selects files of a hub model, but {name} is a local folder; "
+                       "drop model_revision, or name the hub id")
     config_file = path / "config.json"
     if not config_file.is_file():
+        if (path / "adapter_config.json").is_file():
+            raise SddError(f"model {name} holds a LoRA adapter only (adapter_config.json, no config.json): it was "
+                           "saved with adapter_only; rerun that stage without adapter_only for merged weights, or "
+                           "merge it with peft (merge_and_unload) into a folder of its own")
         raise SddError(f"model {name} has no config.json; point at a saved model directory (e.g. <stage>/final)")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -94,12 +101,12 @@ def safetensors_problem(path: Path) -> str | None:
     return f"{path.name} {size} of {expected} bytes" if size < expected else None
 
 
-def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    check_reference(name, trust_remote_code=trust_remote_code)
+    check_reference(name, trust_remote_code=trust_remote_code, revision=revision)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as err:  # noqa: BLE001 - transformers raises OSError/ValueError/... with long texts
         raise SddError(f"could not load the tokenizer of {name}: {_first_line(err)}{_remote_code_hint(err)}") from None
     if tokenizer.pad_token is None:
@@ -108,7 +115,8 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None):
+def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None,
+                   revision: str | None = None):
     """A causal LM from a hub id or a local directory, refusing pickled weights.
 
     The default, float32, is for the model a stage trains: its weights are the optimizer's master copy,
@@ -119,9 +127,9 @@ def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    check_reference(name, trust_remote_code=trust_remote_code)
+    check_reference(name, trust_remote_code=trust_remote_code, revision=revision)
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as err:  # noqa: BLE001
         raise SddError(f"could not load model {name}: {_first_line(err)}{_remote_code_hint(err)}") from None
     torch_dtype = dtype if dtype == "auto" else getattr(torch, str(dtype), None)
@@ -129,7 +137,7 @@ def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool
         raise SddError(f"dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            name, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision
         )
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
@@ -197,7 +205,8 @@ class TokenizerPair(NamedTuple):
     vocab_size: int  # the rows both heads are sliced to (shared_vocab_size)
 
 
-def load_pair(teacher: str, student: str, *, trust_remote_code: bool = False) -> TokenizerPair:
+def load_pair(teacher: str, student: str, *, trust_remote_code: bool = False, teacher_revision: str | None = None,
+              student_revision: str | None = None) -> TokenizerPair:
     """Both tokenizers of a teacher/student pair and the vocabulary their heads share, checked before any weights load.
 
     warmup and distill compare the two models token by token, so both start here: a pair that does not
@@ -205,11 +214,12 @@ def load_pair(teacher: str, student: str, *, trust_remote_code: bool = False) ->
     """
     from transformers import AutoConfig
 
-    teacher_tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
-    student_tokenizer = load_tokenizer(student, trust_remote_code=trust_remote_code)
+    teacher_tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code, revision=teacher_revision)
+    student_tokenizer = load_tokenizer(student, trust_remote_code=trust_remote_code, revision=student_revision)
     vocab_size = shared_vocab_size(
-        teacher_tokenizer, student_tokenizer, AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code),
-        AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code),
+        teacher_tokenizer, student_tokenizer,
+        AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code, revision=teacher_revision),
+        AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code, revision=student_revision),
     )
     return TokenizerPair(teacher_tokenizer, student_tokenizer, vocab_size)
 

@@ -243,7 +243,7 @@ CASES: dict[str, Case] = {  # slowest first, so the two workers finish together
     "missing dataset": Case(lambda run, tmp: ["sft", "--run", run, "--role", "student", "--dataset", tmp / "nope.jsonl"],
                             ("nope.jsonl does not exist",)),
     "empty dataset": Case(_empty, ("empty.jsonl is empty",)),
-    "wrong columns": Case(_wrong_columns, ("has no column 'problem' (columns: question, final)", "--problem-column")),
+    "wrong columns": Case(_wrong_columns, ("has no column 'problem' (columns: question, final)", "--set problem_column=NAME")),
     "unparsable gold answers": Case(_bad_golds, ("30 of 40 gold answers cannot be parsed (more than 5%)", "max_bad_answers")),
     "tokenizer mismatch": Case(_other_tokenizer, ("tokenizers differ", "token-level KL needs one tokenizer")),
     "unknown --set key": Case(lambda run, tmp: ["sft", "--run", run, "--set", "lerning_rate=1e-5"],

@@ -32,6 +32,7 @@ from typing import Any
 
 from sdd.errors import SddError
 from sdd.names import SHARED_DIR, slug  # slug re-exported: callers of recipe.slug keep working
+from sdd.tracking import job_run_name
 
 STAGE_KINDS = ("sft", "teacher-rl", "warmup", "distill", "student-rl", "eval")
 # Recipe `stages:` sections: a stage kind, or one of the shared stages by name (the bootstrap SFT of
@@ -316,6 +317,8 @@ class Job:
     variant: str | None = None
     seed: int | None = None
     records: list[str] = dataclasses.field(default_factory=list)  # manifest records it writes
+    # `key=value` settings of this job alone, passed as --set: its tracker run's name and group (training jobs)
+    sets: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def trains(self) -> bool:
@@ -328,7 +331,8 @@ class Job:
             return ["toy", "init", str(self.run_dir)]
         flags = [part for key, value in self.flags.items() for part in (f"--{key.replace('_', '-')}", value)]
         options = ["--config", self.config_file] if self.config_file else []
-        return [self.stage, "--run", str(self.run_dir), "--name", self.name, *flags, *options]
+        sets = [part for item in self.sets for part in ("--set", item)]
+        return [self.stage, "--run", str(self.run_dir), "--name", self.name, *flags, *options, *sets]
 
 
 class Planner:
@@ -369,6 +373,9 @@ class Planner:
         records = [f"{name}-{slug(b)}" for b in options.get("benchmark", self.recipe.benchmarks)] if stage == "eval" else [name]
         job = Job(job_id, run_dir, stage, name, dict(flags), self._config_file(stage, options), list(after), variant,
                   seed, records)
+        if job.trains:  # one tracker run per job, `<variant>/seed<k>/<stage>`, grouped by the experiment
+            job.sets = [f"run_name={job_run_name(run_dir.relative_to(self.root).as_posix(), name)}",
+                        f"run_group={self.root.name}"]
         self.jobs[job_id] = job
         self.by_key[key] = job_id
         return job

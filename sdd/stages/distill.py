@@ -15,7 +15,6 @@ teacher's NLL of the student's samples, student entropy and truncation.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from sdd import config as cfg
 from sdd import data
@@ -28,11 +27,12 @@ ESTIMATORS = ("full-vocab", "sampled-token")
 
 
 @dataclasses.dataclass
-class DistillOptions(common.DataOptions):
+class DistillOptions(common.TrainingOptions):
     teacher: str | None = dataclasses.field(default=None, metadata={
         "help": "Teacher path, hub id or run dir (default: newest teacher in the run)."})
     student: str | None = dataclasses.field(default=None, metadata={
         "help": "Student path, hub id or run dir (default: warmup, else newest student)."})
+    teacher_revision: str | None = common.teacher_revision_field()
     estimator: str = dataclasses.field(default="full-vocab", metadata={
         "help": "full-vocab (the analytic reverse KL over the shared vocabulary) or sampled-token (its "
                 "estimate from the sampled token alone)."})
@@ -79,7 +79,7 @@ def configure(args: common.StageArgs):
     if options.kl_impl not in KL_IMPLS:
         raise SddError(f"kl_impl must be one of {', '.join(KL_IMPLS)}, not {options.kl_impl!r}")
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
-                  "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
+                  **common.trainer_identity(args, name, trl_kwargs), "chat_template_kwargs": options.chat_template_kwargs}
     trl_config = cfg.build_trl_config(DistillationConfig, trl_kwargs)
     if options.estimator == "sampled-token" and trl_config.beta != 1.0:
         raise SddError("the sampled-token estimator is a reverse-KL estimator: leave beta at 1.0 with it")
@@ -89,13 +89,16 @@ def configure(args: common.StageArgs):
 def run(args: common.StageArgs) -> dict:
     name, options, trl_config = configure(args)
     run_dir = RunDir(args.run)
-    teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
-    student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name, prefer=("warmup",))
+    teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",),
+                                           revision=options.teacher_revision)
+    student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name, prefer=("warmup",),
+                                           revision=options.model_revision)
     source, records, skipped = options.problems(run_dir)
 
     from sdd.models import load_causal_lm, load_pair
 
-    _, s_tok, vocab_size = load_pair(teacher_in.path, student_in.path, trust_remote_code=options.trust_remote_code)
+    _, s_tok, vocab_size = load_pair(teacher_in.path, student_in.path, trust_remote_code=options.trust_remote_code,
+                                     teacher_revision=teacher_in.revision, student_revision=student_in.revision)
     rows = [{"prompt": data.render_prompt(s_tok, r["problem"], options.chat_template_kwargs)} for r in records]
     resolved = {"sdd": options, "trl": trl_config.to_dict(), "shared_vocab_size": vocab_size}
     inputs = {"teacher": teacher_in, "student": student_in, "dataset": common.StageInput(source.describe())}
@@ -106,15 +109,16 @@ def run(args: common.StageArgs) -> dict:
         from sdd.train.callbacks import make_callbacks, summarize_logs
         from sdd.train.trainers import OnPolicyDistiller, train
 
-        teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
+        teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
+                                 revision=teacher_in.revision)
         student = load_causal_lm(student_in.path, dtype=options.train_dtype,
-                                 trust_remote_code=options.trust_remote_code)
+                                 trust_remote_code=options.trust_remote_code, revision=student_in.revision)
         trainer = OnPolicyDistiller(
             model=student, teacher_model=teacher, args=trl_config, train_dataset=Dataset.from_list(rows),
             processing_class=s_tok, vocab_size=vocab_size, estimator=options.estimator, kl_impl=options.kl_impl,
-            callbacks=make_callbacks(stage.flag, stage.dir, name, HEADLINE),
+            callbacks=make_callbacks(stage.flag, stage.dir, name, HEADLINE), peft_config=options.peft_config(),
         )
-        final = train(trainer, stage)
+        final = train(trainer, stage, merge_base=options.merge_base(student_in), run_group=options.run_group)
         if final is None:
             return {}
         history = trainer.state.log_history
@@ -126,5 +130,5 @@ def run(args: common.StageArgs) -> dict:
         metrics.update(reverse_kl_first=first.get("reverse_kl", first.get("divergence")),
                        steps=trainer.state.global_step, prompts=len(rows), skipped_unparsable_golds=skipped,
                        kl_impl=trainer.kl_impl_ran)
-        finish(stage, outputs=stage.output("student", final), metrics=metrics)
+        finish(stage, outputs=stage.output("student", final), metrics=metrics, push=options.hub_target(trl_config))
         return metrics

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from sdd import data
+from sdd import data, model_card
 from sdd import samples as sample_files
 from sdd.config import to_jsonable
 from sdd.errors import SddError, StageSkipped
@@ -38,6 +38,13 @@ class EvalOptions:
     data_dir: str | None = dataclasses.field(default=None, metadata=_data_option("data_dir"))
     problem_column: str | None = dataclasses.field(default=None, metadata=_data_option("problem_column"))
     answer_column: str | None = dataclasses.field(default=None, metadata=_data_option("answer_column"))
+    solution_column: str | None = dataclasses.field(default=None, metadata=_data_option("solution_column"))
+    answer_format: str | None = dataclasses.field(default=None, metadata=_data_option("answer_format"))
+    dataset_config: str | None = dataclasses.field(default=None, metadata=_data_option("dataset_config"))
+    dataset_split: str | None = dataclasses.field(default=None, metadata=_data_option("dataset_split"))
+    dataset_revision: str | None = dataclasses.field(default=None, metadata=_data_option("dataset_revision"))
+    model_revision: str | None = dataclasses.field(default=None, metadata={
+        "help": "Revision (branch, tag or commit) of a hub model to evaluate (TRL's model_revision)."})
     samples: int = dataclasses.field(default=16, metadata={"help": "Samples per problem (k of avg@k)."})
     seeds: int = dataclasses.field(default=1, metadata={
         "help": "Number of sampling seeds (0..n-1); spread is reported over them."})
@@ -162,19 +169,18 @@ def evaluate(args: common.StageArgs) -> dict:
     _vllm_settings(options)  # a bad vLLM option fails here, before anything loads
     run_dir = RunDir(args.run)
     run_dir.create()
-    checkpoint = common.resolve_checkpoint(run_dir, options.role, options.model)
+    checkpoint = common.resolve_checkpoint(run_dir, options.role, options.model, revision=options.model_revision)
     source_name = checkpoint.from_stage or slug(Path(checkpoint.path).name)
     benchmarks = {
         bench: common.DataOptions.load_problems(
-            bench, run_dir.datasets(), data_dir=options.data_dir, problem_column=options.problem_column,
-            answer_column=options.answer_column, limit=options.limit, split=options.split,
-            split_seed=options.split_seed, split_fraction=options.split_fraction)
+            bench, run_dir.datasets(), data_dir=options.data_dir, limit=options.limit, split=options.split,
+            split_seed=options.split_seed, split_fraction=options.split_fraction, **common.data_selection(options))
         for bench in options.benchmark
     }
 
     from sdd.models import load_causal_lm, load_tokenizer
 
-    tokenizer = load_tokenizer(checkpoint.path, trust_remote_code=options.trust_remote_code)
+    tokenizer = load_tokenizer(checkpoint.path, trust_remote_code=options.trust_remote_code, revision=checkpoint.revision)
     model = None
     results = {}
     for bench, (source, records, skipped) in benchmarks.items():
@@ -187,7 +193,7 @@ def evaluate(args: common.StageArgs) -> dict:
                     from sdd.generation import Ranks
 
                     model = load_causal_lm(checkpoint.path, dtype=options.dtype,
-                                           trust_remote_code=options.trust_remote_code)
+                                           trust_remote_code=options.trust_remote_code, revision=checkpoint.revision)
                     model.to(Ranks.current().device).eval()  # this process's device, cuda:<LOCAL_RANK> under a launcher
                 engine = model if options.backend == "hf" else checkpoint.path
                 provenance = {"model": stage.run.record(name).inputs["model"].fingerprint,
@@ -208,6 +214,7 @@ def evaluate(args: common.StageArgs) -> dict:
                                skipped_unparsable_golds=skipped)
                 atomic_write_text(stage.dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
                 finish(stage, metrics=metrics)
+                model_card.after_eval(run_dir, name)  # the evaluated checkpoint's card gains these numbers
                 results[bench] = metrics
         except StageSkipped as skip:
             record = run_dir.record(name)

@@ -26,7 +26,7 @@ from sdd.train.lifecycle import finish, open_stage
 
 
 @dataclasses.dataclass
-class RlOptions(common.DataOptions):
+class RlOptions(common.TrainingOptions):
     model: str | None = dataclasses.field(default=None, metadata={
         "help": "Model to train: a path, hub id or run dir (default: for teacher-rl, the newest teacher checkpoint "
                 "in the run; for student-rl, distill, else warmup, else the base student)."})
@@ -164,7 +164,7 @@ def configure(args: common.StageArgs, stage: str):
     })
     # The backend picks TRL's rollout engine; explicit TRL fields (use_vllm, vllm_mode, ...) still win.
     trl_kwargs = {**trainer_generation_options(options.backend), **trl_kwargs,
-                  "output_dir": str(Path(args.run) / name), "chat_template_kwargs": options.chat_template_kwargs}
+                  **common.trainer_identity(args, name, trl_kwargs), "chat_template_kwargs": options.chat_template_kwargs}
     trl_kwargs.update(rollout_schedule(options, trl_kwargs))
     return name, options, cfg.build_trl_config(GRPOConfig, trl_kwargs)
 
@@ -186,12 +186,13 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
     name, options, trl_config = configure(args, stage)
     reward_funcs = get_reward_funcs(options.rewards)  # an unknown name fails before any work
     run_dir = RunDir(args.run)
-    start = common.resolve_checkpoint(run_dir, role, options.model, exclude=name, prefer=prefer)
+    start = common.resolve_checkpoint(run_dir, role, options.model, exclude=name, prefer=prefer,
+                                      revision=options.model_revision)
     source, records, skipped = options.problems(run_dir)
 
     from sdd.models import load_causal_lm, load_tokenizer
 
-    tokenizer = load_tokenizer(start.path, trust_remote_code=options.trust_remote_code)
+    tokenizer = load_tokenizer(start.path, trust_remote_code=options.trust_remote_code, revision=start.revision)
     rows = [{"id": r["id"], "prompt": data.render_prompt(tokenizer, r["problem"], options.chat_template_kwargs),
              "answer": r["answer"]} for r in records]
     resolved = {"sdd": options, "trl": trl_config.to_dict()}
@@ -203,7 +204,8 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
         from sdd.train.callbacks import make_callbacks, summarize_logs
         from sdd.train.trainers import GuardedGRPOTrainer, train
 
-        model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code)
+        model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code,
+                               revision=start.revision)
         metrics: dict = {"skipped_unparsable_golds": skipped}
         if options.gate:
             gated = apply_gate(model, tokenizer, rows, options, trl_config.max_completion_length,
@@ -215,9 +217,9 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
             model=model, reward_funcs=reward_funcs, args=trl_config,
             train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]),
             processing_class=tokenizer,
-            callbacks=make_callbacks(handle.flag, handle.dir, name, HEADLINE),
+            callbacks=make_callbacks(handle.flag, handle.dir, name, HEADLINE), peft_config=options.peft_config(),
         )
-        final = train(trainer, handle)
+        final = train(trainer, handle, merge_base=options.merge_base(start), run_group=options.run_group)
         if final is None:
             return {}
         metrics.update(summarize_logs(trainer.state.log_history, {
@@ -227,7 +229,7 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
         }))
         metrics.update(reward_first=_first(trainer.state.log_history, "reward"), steps=trainer.state.global_step,
                        tokens=trainer.state.num_input_tokens_seen, prompts=len(rows))
-        finish(handle, outputs=handle.output(role, final), metrics=metrics)
+        finish(handle, outputs=handle.output(role, final), metrics=metrics, push=options.hub_target(trl_config))
         return metrics
 
 

@@ -36,7 +36,8 @@ from sdd.stages.common import StageArgs
 
 def stage_args(job: recipes.Job) -> StageArgs:
     """What the job's command line (`job.argv`) hands its stage, built from the job itself."""
-    return StageArgs(run=str(job.run_dir), name=job.name, config_file=job.config_file, cli=dict(job.flags))
+    return StageArgs(run=str(job.run_dir), name=job.name, config_file=job.config_file, cli=dict(job.flags),
+                     sets=list(job.sets))
 
 
 def resolved_config(job: recipes.Job) -> dict | None:

@@ -8,7 +8,6 @@ same labelled data by imitation instead of by reward.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from sdd import config as cfg
 from sdd import data
@@ -22,7 +21,7 @@ ROLES = ("teacher", "student")
 
 
 @dataclasses.dataclass
-class SftOptions(common.DataOptions):
+class SftOptions(common.TrainingOptions):
     role: str = dataclasses.field(default="teacher", metadata={
         "help": "teacher or student: which model to train and whose checkpoint it makes."})
     model: str | None = dataclasses.field(default=None, metadata={
@@ -51,22 +50,19 @@ def configure(args: common.StageArgs):
     options, trl_kwargs = common.resolve_options(
         ("sft", name), SftOptions, SFTConfig, args, {**common.device_defaults(), **DEFAULTS}
     )
-    trl_kwargs = {**trl_kwargs, "output_dir": str(Path(args.run) / name)}
+    trl_kwargs = {**trl_kwargs, **common.trainer_identity(args, name, trl_kwargs)}
     return name, options, cfg.build_trl_config(SFTConfig, trl_kwargs)
 
 
 def run(args: common.StageArgs) -> dict:
     name, options, trl_config = configure(args)
     run_dir = RunDir(args.run)
-    start = common.resolve_checkpoint(run_dir, options.role, options.model)
-    source = data.resolve(
-        options.dataset, data_dir=options.data_dir, registered=run_dir.datasets(),
-        problem_column=options.problem_column, answer_column=options.answer_column,
-    )
+    start = common.resolve_checkpoint(run_dir, options.role, options.model, revision=options.model_revision)
+    source = options.source(run_dir)
     records = options.split_records(data.load(source, limit=None if options.split else options.limit,
                                               require_solution=True))[: options.limit]
 
-    tokenizer = load_tokenizer(start.path, trust_remote_code=options.trust_remote_code)
+    tokenizer = load_tokenizer(start.path, trust_remote_code=options.trust_remote_code, revision=start.revision)
     rows = [
         {"prompt": data.render_prompt(tokenizer, r["problem"], options.chat_template_kwargs), "completion": r["solution"]}
         for r in records
@@ -80,17 +76,19 @@ def run(args: common.StageArgs) -> dict:
         from sdd.train.callbacks import make_callbacks, summarize_logs
         from sdd.train.trainers import GuardedSFTTrainer, train
 
-        model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code)
+        model = load_causal_lm(start.path, dtype=options.train_dtype, trust_remote_code=options.trust_remote_code,
+                               revision=start.revision)
         trainer = GuardedSFTTrainer(
             model=model, args=trl_config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
             callbacks=make_callbacks(stage.flag, stage.dir, name, ("loss", "mean_token_accuracy")),
+            peft_config=options.peft_config(),
         )
-        final = train(trainer, stage)
+        final = train(trainer, stage, merge_base=options.merge_base(start), run_group=options.run_group)
         if final is None:
             return {}
         metrics = summarize_logs(
             trainer.state.log_history, {"loss": "loss", "token_accuracy": "mean_token_accuracy"}
         )
         metrics.update(steps=trainer.state.global_step, examples=len(rows))
-        finish(stage, outputs=stage.output(options.role, final), metrics=metrics)
+        finish(stage, outputs=stage.output(options.role, final), metrics=metrics, push=options.hub_target(trl_config))
         return metrics

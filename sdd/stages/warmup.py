@@ -38,11 +38,12 @@ OBJECTIVES = ("forward-kl", "sft")
 
 
 @dataclasses.dataclass
-class WarmupOptions(common.DataOptions):
+class WarmupOptions(common.TrainingOptions):
     teacher: str | None = dataclasses.field(default=None, metadata={
         "help": "Teacher path, hub id or run dir (default: newest teacher in the run)."})
     student: str | None = dataclasses.field(default=None, metadata={
         "help": "Student path, hub id or run dir (default: newest student in the run)."})
+    teacher_revision: str | None = common.teacher_revision_field()
     prompts: int | None = dataclasses.field(default=None, metadata={
         "help": "Prompts the teacher samples for training (default: every problem); heldout_prompts more are "
                 "held out."})
@@ -101,8 +102,10 @@ DEFAULTS = {
 }
 
 
-def _model_identity(path: str) -> str:
-    return fingerprint(path) if Path(path).exists() else f"hub:{path}"
+def _model_identity(model: common.StageInput) -> str:
+    if Path(model.path).exists():
+        return fingerprint(model.path)
+    return f"hub:{model.path}" + (f"@{model.revision}" if model.revision else "")
 
 
 def teacher_samples(teacher, tokenizer, records: list[dict], options: WarmupOptions, path: Path,
@@ -366,7 +369,7 @@ def configure(args: common.StageArgs):
     options.vllm_settings()  # a bad vLLM option fails here, before anything loads
     # The dataset is pre-tokenized (the teacher's exact tokens), so TRL cannot infer completion-only
     # training from prompt/completion columns: without this the loss would also fit the prompt tokens.
-    trl_config = cfg.build_trl_config(SFTConfig, {**trl_kwargs, "output_dir": str(Path(args.run) / name),
+    trl_config = cfg.build_trl_config(SFTConfig, {**trl_kwargs, **common.trainer_identity(args, name, trl_kwargs),
                                                  "completion_only_loss": True})
     return name, options, trl_config
 
@@ -397,9 +400,14 @@ def run(args: common.StageArgs) -> dict:
     ranks = Ranks.current()  # the launcher's process group is up now (the TRL config started it)
     if options.backend == "vllm":
         vllm_settings.groups(ranks)  # tensor_parallel_size must divide the number of processes
+        if options.teacher_revision:
+            raise SddError("teacher_revision is not handed to vLLM's engine: sample with backend hf, or download that "
+                           "revision and name its folder as --teacher")
     run_dir = RunDir(args.run)
-    teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",))
-    student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name)
+    teacher_in = common.resolve_checkpoint(run_dir, "teacher", options.teacher, prefer=("teacher-rl",),
+                                           revision=options.teacher_revision)
+    student_in = common.resolve_checkpoint(run_dir, "student", options.student, exclude=name,
+                                           revision=options.model_revision)
     source, records, skipped = options.problems(run_dir)
     wanted = (options.prompts or len(records)) + options.heldout_prompts
     records = records[:wanted]
@@ -409,7 +417,8 @@ def run(args: common.StageArgs) -> dict:
 
     from sdd.models import load_causal_lm, load_pair
 
-    t_tok, s_tok, vocab_size = load_pair(teacher_in.path, student_in.path, trust_remote_code=options.trust_remote_code)
+    t_tok, s_tok, vocab_size = load_pair(teacher_in.path, student_in.path, trust_remote_code=options.trust_remote_code,
+                                         teacher_revision=teacher_in.revision, student_revision=student_in.revision)
     resolved = {"sdd": options, "trl": trl_config.to_dict(), "shared_vocab_size": vocab_size}
     inputs = {"teacher": teacher_in, "student": student_in, "dataset": common.StageInput(source.describe())}
     with open_stage(args, name=name, stage="warmup", role="student", config=resolved, inputs=inputs) as stage:
@@ -420,7 +429,7 @@ def run(args: common.StageArgs) -> dict:
         from sdd.train.trainers import ForwardKLTrainer, GuardedSFTTrainer, train
 
         provenance = {
-            "teacher": _model_identity(teacher_in.path),
+            "teacher": _model_identity(teacher_in),
             "data": data.problems_fingerprint(records),
             "sampling": [options.samples_per_prompt, options.sample_temperature, options.sample_top_p,
                          options.sample_top_k, options.max_new_tokens, options.sample_seed,
@@ -430,12 +439,14 @@ def run(args: common.StageArgs) -> dict:
         # "vllm" no HF copy exists while vLLM's engine holds its GPU share, and the engine is released before
         # the teacher and student load for training. Each rank works on its own device (`ranks.device`).
         if options.backend == "hf":
-            teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
+            teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
+                                     revision=teacher_in.revision)
             rows = cached_teacher_samples(teacher, t_tok, records, options, stage, provenance, ranks)
         else:
             rows = cached_teacher_samples(teacher_in.path, t_tok, records, options, stage, provenance, ranks)
             release_vllm()
-            teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
+            teacher = load_causal_lm(teacher_in.path, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
+                                     revision=teacher_in.revision)
         if rows is None:
             return {}
         _place(teacher, ranks.device).eval()
@@ -448,7 +459,7 @@ def run(args: common.StageArgs) -> dict:
             raise SddError(f"a teacher sample is {longest} tokens, over max_length {trl_config.max_length}, and would be cut; "
                            f"raise max_prompt_length (prompts are longer than {options.max_prompt_length} tokens) or max_length")
         student = _place(load_causal_lm(student_in.path, trust_remote_code=options.trust_remote_code,
-                                        dtype=options.train_dtype), ranks.device)
+                                        dtype=options.train_dtype, revision=student_in.revision), ranks.device)
         pad_id = s_tok.pad_token_id
         metrics: dict = {
             "teacher_solve_rate": sum(c for r in rows for c in r["correct"]) / sum(len(r["correct"]) for r in rows),
@@ -463,7 +474,7 @@ def run(args: common.StageArgs) -> dict:
         metrics.update(json.loads(before_path.read_text()))
         callbacks = make_callbacks(stage.flag, stage.dir, name, ("forward_kl", "loss"))
         common_kwargs = dict(model=student, args=trl_config, train_dataset=Dataset.from_list(sequences),
-                             processing_class=s_tok, callbacks=callbacks)
+                             processing_class=s_tok, callbacks=callbacks, peft_config=options.peft_config())
         if options.objective == "sft":
             trainer = GuardedSFTTrainer(**common_kwargs)
         else:
@@ -471,7 +482,7 @@ def run(args: common.StageArgs) -> dict:
                 **common_kwargs, teacher_model=teacher, vocab_size=vocab_size, kl_temperature=options.kl_temperature,
                 kl_impl=options.kl_impl,
             )
-        final = train(trainer, stage, resume)
+        final = train(trainer, stage, resume, merge_base=options.merge_base(student_in), run_group=options.run_group)
         if final is None:
             return {}
         metrics["heldout_forward_kl_after"] = heldout_kl(student, teacher, heldout, vocab_size, pad_id,
@@ -480,5 +491,5 @@ def run(args: common.StageArgs) -> dict:
         metrics["steps"] = trainer.state.global_step
         if options.objective == "forward-kl":
             metrics["kl_impl"] = trainer.kl_impl_ran
-        finish(stage, outputs=stage.output("student", final), metrics=metrics)
+        finish(stage, outputs=stage.output("student", final), metrics=metrics, push=options.hub_target(trl_config))
         return metrics

@@ -9,11 +9,13 @@ at all, and tell a full disk from a bug when a write fails.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from sdd import config as cfg
 from sdd.errors import SddError
@@ -34,7 +36,7 @@ def check_resumable(stage_dir: Path, inputs: dict, config: dict) -> None:
     """
     origin = {
         "inputs": {k: v.get("fingerprint", v.get("path")) for k, v in inputs.items()},
-        "sdd": cfg.to_jsonable(config.get("sdd", {})),
+        "sdd": _what_trains(config.get("sdd", {})),
     }
     path = stage_dir / ORIGIN_FILE
     if any(stage_dir.glob("checkpoint-*")):  # complete or half-written: either was made from some origin
@@ -51,6 +53,14 @@ def check_resumable(stage_dir: Path, inputs: dict, config: dict) -> None:
             )
         return
     atomic_write_text(path, json.dumps(origin, indent=2, default=str))
+
+
+def _what_trains(options: Any) -> Any:
+    """The options as JSON, less the fields marked `trains: False` (where a run is reported or pushed)."""
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        return {f.name: cfg.to_jsonable(getattr(options, f.name)) for f in dataclasses.fields(options)
+                if f.metadata.get("trains", True)}
+    return cfg.to_jsonable(options)
 
 
 def seal(checkpoint: Path) -> None:
@@ -141,8 +151,25 @@ def _finished_by_trainer(checkpoint: Path) -> bool:
     return (checkpoint / COMPLETE_FILE).is_file() or (checkpoint / "trainer_state.json").is_file()
 
 
-def save_final(trainer, out_dir: Path) -> Path:
-    """Write the final model + tokenizer to a temp dir and rename, so `final/` is whole or absent."""
+@dataclasses.dataclass(frozen=True)
+class AdapterBase:
+    """The model a LoRA adapter was trained on, as the stage loaded it: what `final/` merges the adapter into."""
+
+    path: str
+    revision: str | None
+    dtype: str
+    trust_remote_code: bool
+
+
+def save_final(trainer, out_dir: Path, merge_base: AdapterBase | None = None) -> Path:
+    """Write the final model + tokenizer to a temp dir and rename, so `final/` is whole or absent.
+
+    A LoRA-trained model (a PEFT model) is saved as its adapter, the way every engine saves one; with
+    `merge_base`, the main process then loads that base model again, applies the adapter with PEFT and
+    merges it (`merge_and_unload`), so `final/` holds plain weights any later stage or vLLM loads. The
+    base is loaded from disk rather than merged in place because under ZeRO-3 or FSDP no process holds
+    the whole trained model; it costs one copy of the base model in CPU memory on the main process.
+    """
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if trainer.accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,6 +189,8 @@ def save_final(trainer, out_dir: Path) -> Path:
             raise SddError(f"the engine wrote no weights for {out_dir} (the checkpoints are intact); under "
                            "DeepSpeed ZeRO-3 set zero3_save_16bit_model: true in the accelerate config, then rerun")
         if trainer.accelerator.is_main_process:
+            if merge_base is not None and (tmp / ADAPTER_CONFIG).is_file():
+                merge_adapter(tmp, merge_base)
             tokenizer = trainer.processing_class
             if tokenizer is not None and not (tmp / "tokenizer_config.json").exists():
                 tokenizer.save_pretrained(tmp)
@@ -176,6 +205,25 @@ def save_final(trainer, out_dir: Path) -> Path:
         raise CheckpointWriteFailed(out_dir, reason) from err
     trainer.accelerator.wait_for_everyone()
     return out_dir
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def merge_adapter(folder: Path, base: AdapterBase) -> None:
+    """Replace the LoRA adapter saved in `folder` by the merged model: base weights + the adapter's update."""
+    from peft import PeftModel
+
+    from sdd.models import load_causal_lm
+
+    model = load_causal_lm(base.path, dtype=base.dtype, trust_remote_code=base.trust_remote_code,
+                           revision=base.revision)
+    merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    adapter = folder.with_name(folder.name + ".adapter")
+    shutil.rmtree(adapter, ignore_errors=True)
+    os.replace(folder, adapter)
+    merged.save_pretrained(str(folder))
+    shutil.rmtree(adapter, ignore_errors=True)
 
 
 class CheckpointWriteFailed(Exception):

@@ -66,21 +66,24 @@ def engine_report(trainer) -> dict:
     ZeRO-3 leaves a partition in `ds_tensor` (full size `ds_numel`), FSDP2 a DTensor's local shard."""
     from sdd.models import is_dtensor, is_zero3_partitioned
 
-    local = full = zero3 = dtensor = 0
+    local = full = zero3 = dtensor = trainable = 0
     params = list(trainer.model.parameters())
     for p in params:
         if is_zero3_partitioned(p):
             zero3 += 1
-            local, full = local + p.ds_tensor.numel(), full + p.ds_numel
+            local, size = local + p.ds_tensor.numel(), p.ds_numel
         elif is_dtensor(p):
             dtensor += 1
-            local, full = local + p.to_local().numel(), full + p.numel()
+            local, size = local + p.to_local().numel(), p.numel()
         else:
-            local, full = local + p.numel(), full + p.numel()
+            local, size = local + p.numel(), p.numel()
+        full += size
+        trainable += size if p.requires_grad else 0  # a LoRA run trains the adapter's elements only
     acc = trainer.accelerator
     return {"distributed_type": getattr(acc.distributed_type, "value", str(acc.distributed_type)),
             "processes": acc.num_processes, "rank": acc.process_index, "parameters": len(params),
             "zero3_partitioned": zero3, "dtensor": dtensor, "local_elements": local, "full_elements": full,
+            "trainable_elements": trainable,
             "master_dtype": "float32" if trainer.is_deepspeed_enabled else str(params[0].dtype).removeprefix("torch.")}
 
 

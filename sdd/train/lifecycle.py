@@ -90,6 +90,7 @@ class Stage:
     started: float
     finished: bool = False
     engine: dict | None = None  # engine_report of this rank, once training began
+    publish_error: SddError | None = None  # a push after the stage was recorded done; raised once the stage closes
 
     def output(self, role: str, path: Path) -> dict:
         return {role: self.run.output_entry(path)}
@@ -200,6 +201,8 @@ def _run_stage(run: RunDir, name: str, stage: str, role: str | None, config: dic
         except BaseException as err:
             run.end(name, "failed", error=f"{type(err).__name__}: {err}")
             raise
+        if handle.publish_error is not None:  # the stage is done; only publishing it failed
+            raise handle.publish_error
     finally:
         lock.release()
         release_distributed()
@@ -225,8 +228,46 @@ def release_distributed() -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def finish(stage: Stage, *, outputs: dict | None = None, metrics: dict | None = None) -> None:
-    extra = {"engine": stage.engine} if stage.engine else {}
+@dataclasses.dataclass(frozen=True)
+class HubTarget:
+    """The hub model repo a stage pushes `final/` to (sdd's push_to_hub; TRL's hub_private_repo, hub_token, hub_revision)."""
+
+    repo_id: str
+    private: bool | None = None
+    token: str | None = None
+    revision: str | None = None
+
+
+def finish(stage: Stage, *, outputs: dict | None = None, metrics: dict | None = None, push: HubTarget | None = None) -> None:
+    """Record the stage done, write the model card of its checkpoint, and push that checkpoint when asked.
+
+    The card (`README.md` in the checkpoint folder, sdd.model_card) is written from the manifest once the
+    record says done. A push that fails leaves the stage done and its `final/` intact: the error line says
+    so and names the command that uploads it.
+    """
+    extra: dict[str, Any] = {}
+    if stage.engine:
+        extra = {"engine": stage.engine, "trainable_parameters": stage.engine.get("trainable_elements"),
+                 "total_parameters": stage.engine.get("full_elements")}
     stage.run.end(stage.name, "done", outputs=outputs,
                   metrics={**(metrics or {}), **extra, "wall_time_s": round(stage.elapsed, 1)})
     stage.finished = True
+    if not outputs or not is_main_process():
+        return
+    from sdd import model_card
+
+    card = model_card.write(stage.run, stage.name)
+    if push is None or card is None:
+        return
+    try:
+        url = model_card.push(card.parent, push.repo_id, private=push.private, token=push.token, revision=push.revision)
+    except SddError as err:
+        stage.publish_error = SddError(f"{stage.name} is done, but {err}; once fixed, upload it with "
+                                       f"`hf upload {push.repo_id} {card.parent} .`")
+        return
+
+    def pushed(data: dict) -> None:
+        data["stages"][stage.name]["metrics"].update(pushed_to=push.repo_id, pushed_url=url)
+
+    stage.run.update(pushed)
+    print(f"{stage.name}: pushed {card.parent} to {url}", flush=True)

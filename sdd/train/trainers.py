@@ -34,8 +34,16 @@ from sdd.losses import (
     token_divergence,
 )
 from sdd.models import head_for_loss
+from sdd.tracking import group_callbacks
 from sdd.train.callbacks import EngineCheck, quiet_trainer
-from sdd.train.checkpoints import CheckpointWriteFailed, io_failure, resume_point, save_final, seal
+from sdd.train.checkpoints import (
+    AdapterBase,
+    CheckpointWriteFailed,
+    io_failure,
+    resume_point,
+    save_final,
+    seal,
+)
 from sdd.train.distributed import any_rank
 from sdd.train.engines import check_engine_requested, check_update_precision, prepare_teacher
 from sdd.train.lifecycle import NonFiniteLoss, Stage
@@ -247,16 +255,23 @@ def stopped_early(trainer, stage: Stage) -> bool:
     return stage.flag.requested is not None and trainer.state.global_step < trainer.state.max_steps
 
 
-def train(trainer, stage: Stage, resume: Path | None = None) -> Path | None:
-    """Train from the newest complete checkpoint; the final model's path, or None if stopped by a signal."""
+def train(trainer, stage: Stage, resume: Path | None = None, *, merge_base: AdapterBase | None = None,
+          run_group: str | None = None) -> Path | None:
+    """Train from the newest complete checkpoint; the final model's path, or None if stopped by a signal.
+
+    `merge_base`: the model a LoRA adapter is merged into for `final/` (None: a PEFT model's final/ is
+    its adapter alone). `run_group`: the tracker group of this job's run (sdd.tracking).
+    """
     quiet_trainer(trainer)
     check_engine_requested(trainer)
     check_update_precision(trainer)
     trainer.add_callback(EngineCheck(trainer, stage))
+    for callback in group_callbacks(run_group, trainer.args.report_to):  # after the trackers' own callbacks
+        trainer.add_callback(callback)
     resume = resume or resume_point(stage.dir)
     if resume and trainer.accelerator.is_main_process:
         print(f"{stage.name}: resuming from {resume.name}", flush=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stopped_early(trainer, stage):
         return None
-    return save_final(trainer, stage.dir / "final")
+    return save_final(trainer, stage.dir / "final", merge_base)
