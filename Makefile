@@ -2,7 +2,7 @@
 # lock file (requirements.lock: every package at the exact version the results were measured with).
 # TORCH: the torch requirement installed first; the default is this project's CPU wheel. The lock leaves torch
 # out so that a GPU host can set the build its cluster uses, e.g. `make test TORCH="torch==2.11.0"`.
-# EXTRAS: optional dependency groups besides dev (in requirements.lock). One with a lock of its own
+# EXTRAS: optional dependency groups besides dev, peft and trackio (all three in requirements.lock). One with a lock of its own
 # (requirements-<extra>.lock) installs from it, e.g. `DS_BUILD_OPS=0 make install EXTRAS=dev,deepspeed` (CI does;
 # the sharded tests in tests/test_sharded.py need DeepSpeed); one without (vllm) from pyproject.toml's ranges.
 # `make lock` refreshes the lock files from pyproject.toml's ranges (README, "Installing from the lock").
@@ -15,6 +15,7 @@ DEMO_ROOT ?= runs/toy-exp
 SEEDS ?= 3
 EXTRAS ?= dev
 comma := ,
+space := $() $()
 EXTRA_NAMES := $(filter-out dev,$(subst $(comma), ,$(EXTRAS)))
 EXTRA_LOCKS := $(foreach extra,$(EXTRA_NAMES),$(wildcard requirements-$(extra).lock))
 UNLOCKED_EXTRAS := $(foreach extra,$(EXTRA_NAMES),$(if $(wildcard requirements-$(extra).lock),,$(extra)))
@@ -32,7 +33,7 @@ $(BIN)/sdd: pyproject.toml $(LOCK) $(EXTRA_LOCKS)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q --no-deps -r $(LOCK) $(addprefix -r ,$(EXTRA_LOCKS))
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
-	$(if $(UNLOCKED_EXTRAS),$(BIN)/python -m pip install -q -e ".[$(subst $() ,$(comma),$(UNLOCKED_EXTRAS))]")
+	$(if $(UNLOCKED_EXTRAS),$(BIN)/python -m pip install -q -e ".[$(subst $(space),$(comma),$(strip $(UNLOCKED_EXTRAS)))]")
 	$(BIN)/python -m pip check
 	touch $@
 
@@ -46,6 +47,7 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check sdd tests benchmarks
+	$(BIN)/lint-imports
 
 # The toy experiment end to end: every variant, SEEDS seeds, two jobs side by side, then the report.
 demo: install
@@ -69,7 +71,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev]"
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev,peft,trackio]"
 	$(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^torch==' > $(LOCK_VENV)/base.txt
 	DS_BUILD_OPS=0 $(LOCK_VENV)/bin/python -m pip install -q -e ".[dev,deepspeed]"
 	$(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^torch==' | grep -vxFf $(LOCK_VENV)/base.txt \

@@ -9,9 +9,9 @@ Public API::
     @dataclass(frozen=True)
     class SamplingParams:
         n: int = 1                 # samples per prompt
-        temperature: float = 0.7   # 0 -> greedy
-        top_p: float = 0.8         # 1.0 -> off
-        top_k: int = 20            # 0 or -1 -> off
+        temperature: float = SAMPLING.temperature  # 0 -> greedy
+        top_p: float = SAMPLING.top_p              # 1.0 -> off
+        top_k: int = SAMPLING.top_k                # 0 or -1 -> off
         max_new_tokens: int = 1024
         min_new_tokens: int = 0    # stop tokens are masked out before this many tokens (vLLM's min_tokens)
         seed: int = 0
@@ -107,6 +107,7 @@ import torch
 from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sdd.errors import SddError
+from sdd.samples import SAMPLING
 
 BACKENDS = ("hf", "vllm")
 HF_MODES = ("auto", "dynamic", "static", "compiled")
@@ -134,9 +135,9 @@ class SamplingParams:
     """How to sample; the same meaning on every backend (see the module docstring)."""
 
     n: int = 1
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
+    temperature: float = SAMPLING.temperature
+    top_p: float = SAMPLING.top_p
+    top_k: int = SAMPLING.top_k
     max_new_tokens: int = 1024
     min_new_tokens: int = 0
     seed: int = 0

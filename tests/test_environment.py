@@ -89,3 +89,20 @@ def test_report_prints_the_environment_and_warns_when_stages_differ(tmp_path, ca
             "vs 3 (direct-grpo/seed1:analysis-probe)") in printed.err
     assert "**Warning:** stages ran under different environments: threads" in (tmp_path / "differ" / "report.md").read_text()
     assert BENCH in printed.out
+
+
+def test_sdd_run_workers_take_the_thread_count_omp_num_threads_sets(tmp_path):
+    """`make demo` sets OMP_NUM_THREADS=1 so a machine with more cores sums in the same order: the record says so.
+
+    3 threads for each of 2 workers is not what cpu_count // jobs gives on the 2-core machine (1), so there
+    the recorded count can only come from the variable.
+    """
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text("toy: true\nvariants: [direct-grpo]\nseeds: 1\n")
+    root = tmp_path / "root"
+    done = subprocess.run([sys.executable, "-m", "sdd", "run", str(recipe), "--root", str(root), "--only", "toy-init",
+                           "--jobs", "2"], capture_output=True, text=True, timeout=600,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                               "OMP_NUM_THREADS": "3"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert RunDir(root / "shared").record("toy-init").environment["threads"] == 3

@@ -154,11 +154,21 @@ def test_embedded_json_cannot_end_the_script_block():
 
 @pytest.fixture(scope="module")
 def bridge_run(toy_template, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("inspect") / "run"
-    shutil.copytree(toy_template, run)
-    set_tiny(run)
-    sdd("warmup", "--run", run)
-    sdd("distill", "--run", run)
+    """The layout of `sdd run`: base models in ROOT/shared, warmup then distill in ROOT/bridge/seed0."""
+    from sdd.manifest import RunDir
+
+    root = tmp_path_factory.mktemp("inspect")
+    shared, run = root / "shared", root / "bridge" / "seed0"
+    shutil.copytree(toy_template, shared)
+    set_tiny(shared)
+    RunDir(run).create()
+    for name in ("train", "test"):
+        RunDir(run).register_dataset(f"toy-{name}", shared / "toy" / "data" / f"{name}.jsonl")
+    shutil.copy(shared / "config.yaml", run / "config.yaml")
+    teacher = shared / "toy" / "teacher-base"
+    sdd("warmup", "--run", run, "--teacher", teacher, "--student", shared / "toy" / "student-base")
+    sdd("distill", "--run", run, "--teacher", teacher, "--student", run / "warmup" / "final")
+    sdd("eval", "--run", run, "--role", "student", "--limit", "4", "--samples", "1")  # a record that is no bridge stage
     return run
 
 
@@ -186,7 +196,8 @@ def test_inspect_distill_scores_both_bridge_stages(bridge_run, distill_page):
         assert view["student"]["path"] == str((bridge_run / view["label"] / "final").resolve())
         assert view["teacher"]["fingerprint"] == stage.inputs["teacher"].fingerprint
         assert len(view["samples"]) == 3
-        ids = [json.loads(line)["id"] for line in (bridge_run / "toy" / "data" / "test.jsonl").open()][:3]
+        test_set = bridge_run.parents[1] / "shared" / "toy" / "data" / "test.jsonl"
+        ids = [json.loads(line)["id"] for line in test_set.open()][:3]
         assert [s["id"] for s in view["samples"]] == ids  # the run's eval benchmark, first problems
         tokens = [t for s in view["samples"] for t in s["tokens"]]
         assert view["summary"]["tokens"] == len(tokens) > 0
@@ -207,7 +218,7 @@ def test_inspect_warmup_and_no_compare_and_any_pair(bridge_run, tmp_path):
     assert [v["label"] for v in doc["views"]] == ["warmup", "distill"] and doc["selected"] == 0
     sdd("inspect", bridge_run, "--stage", "distill", "--problems", "2", "--no-compare", "--out", tmp_path / "d.html")
     assert [v["label"] for v in page_data(tmp_path / "d.html")["views"]] == ["distill"]
-    teacher = bridge_run / "toy" / "teacher-base"
+    teacher = bridge_run.parents[1] / "shared" / "toy" / "teacher-base"
     sdd("inspect", bridge_run, "--student", teacher, "--teacher", teacher, "--problems", "2", "--out", tmp_path / "p.html")
     (view,) = page_data(tmp_path / "p.html")["views"]
     assert view["summary"]["mean_kl"] == pytest.approx(0.0, abs=1e-5)  # a model against itself
@@ -215,16 +226,18 @@ def test_inspect_warmup_and_no_compare_and_any_pair(bridge_run, tmp_path):
 
 
 @pytest.mark.parametrize("argv, phrase", [
-    (["--stage", "toy-init"], "inspect a warmup or distill stage"),
+    (["--stage", "EVAL"], "is a eval stage; inspect a warmup or distill stage"),
     (["--stage", "nope"], "no stage 'nope'"),
     (["--student", "x"], "--student and --teacher go together"),
     (["--problems", "0"], "--problems must be at least 1"),
 ])
 def test_bad_requests_are_one_line(bridge_run, argv, phrase, capsys):
     from sdd.cli import main
+    from sdd.manifest import RunDir
 
+    evals = [name for name, record in RunDir(bridge_run).records().items() if record.stage == "eval"]
     with pytest.raises(SystemExit) as exit_:
-        main(["inspect", str(bridge_run), *argv])
+        main(["inspect", str(bridge_run), *[evals[0] if a == "EVAL" else a for a in argv]])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], lines
 

@@ -159,6 +159,10 @@ def test_gate_drops_always_and_never_solved(boot_run):
     assert {r["id"] for r in kept} == expected["sometimes"]
     assert buckets == {"never": len(expected["never"]), "sometimes": len(expected["sometimes"]),
                        "always": len(expected["always"]), "kept": len(expected["sometimes"])}
+    # Another training seed (another chain under seed_scope: chain) measures with its own draws, not the cache.
+    assert json.loads((boot_run / "gate.json").read_text())["key"]["options"][-1] == 0
+    apply_gate(model, tokenizer, rows, options, 48, boot_run / "gate.json", seed=1)
+    assert json.loads((boot_run / "gate.json").read_text())["key"]["options"][-1] == 1
 
 
 def test_interrupted_rl_resumes_from_its_checkpoint(boot_run):

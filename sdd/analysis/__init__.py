@@ -12,6 +12,8 @@ distillation copies a whole distribution. The rooms:
     measures.py     the registry: each measure's compute, headline, report table and plot, in one place
     report.py       the `sdd report` section: the pairs table, each measure's table, one figure per pair
     text.py         how numbers and paths read in console lines and tables
+    tokens.py       the per-token KL to the teacher and its top alternatives, for `sdd inspect`
+    inspect_page.py the one self-contained HTML page `sdd inspect` writes
 
 Teacher agreement's KL is `sdd/agreement.py`, a leaf module, because warmup and distill report it
 too. `sdd analyze` (sdd/stages/analyze.py) runs them; docs/analyze.md defines every number. The pure

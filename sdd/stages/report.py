@@ -358,8 +358,8 @@ def render_markdown(summary: dict, benchmarks: list[str]) -> str:
             verdict = "yes" if c["significant"] else "no (CI contains 0)"
             scope = c["seed_scope"]
             unit = scope["unit"]
-            seeds = (f"{unit} paired (shared checkpoint per seed)" if c.get("paired_seeds")
-                     else f"{unit} independent")
+            seeds = ("one seed each" if scope["scope"] == "single" else
+                     f"{unit} paired (shared checkpoint per seed)" if c.get("paired_seeds") else f"{unit} independent")
             lines.append(f"| {c['variant']} − {c['reference']} | {c['benchmark']} | {100 * c['diff']:+.1f} | "
                          f"[{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {verdict} | {seeds} | {scope['words']} |")
     return "\n".join(lines) + "\n"

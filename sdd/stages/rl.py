@@ -87,13 +87,14 @@ GATE_CHUNK = 256  # prompts per generate call: a SIGTERM during the gate waits f
 
 
 def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_tokens: int, path: Path,
-               flag=None, ranks=None) -> tuple[list[dict], dict] | None:
+               flag=None, ranks=None, seed: int = 0) -> tuple[list[dict], dict] | None:
     """Keep prompts whose measured pass rate is strictly between 0 and 1; cached so a resume sees the same set.
 
     Under a launcher the ranks split every chunk (rank r of P takes positions r, r + P, ...) and each
     generates on its own device, the model gathered first if ZeRO-3 partitioned it at load; the pass
     rates are exchanged after each chunk, so every rank keeps the same set, the set one process keeps
-    (a prompt's samples depend on its chunk and position, not on the rank that draws them). The cache
+    (a prompt's samples depend on `seed`, its chunk and position, not on the rank that draws them; the
+    stage passes its training seed, so chains with other seeds measure with other draws). The cache
     (`path`, gate.json) is keyed by the model's fingerprint, the prompts and the options: a rerun from
     another checkpoint, even with --force, measures again.
 
@@ -111,7 +112,7 @@ def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_t
     key = {
         "model": fingerprint(source) if Path(source).exists() else f"hub:{source}",
         "problems": hashlib.sha256(json.dumps([(r["id"], r["prompt"], r["answer"]) for r in rows]).encode()).hexdigest()[:16],
-        "options": [options.gate_samples, options.gate_temperature, max_new_tokens],
+        "options": [options.gate_samples, options.gate_temperature, max_new_tokens, seed],
     }
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -130,7 +131,7 @@ def apply_gate(model, tokenizer, rows: list[dict], options: RlOptions, max_new_t
             chunk = rows[start:start + GATE_CHUNK]
             positions = ranks.share(len(chunk))
             mine = [chunk[p] for p in positions]
-            groups = generate(model, tokenizer, [r["prompt"] for r in mine], dataclasses.replace(params, seed=start),
+            groups = generate(model, tokenizer, [r["prompt"] for r in mine], dataclasses.replace(params, seed=seed * 1_000_003 + start),
                               backend="hf", prompt_indices=positions) if mine else []
             texts = [c.text for group in groups for c in group]
             scores = score_completions(texts, [r["answer"] for r in mine for _ in range(n)]) if texts else []
@@ -209,7 +210,7 @@ def run(args: common.StageArgs, *, stage: str, role: str, prefer: tuple[str, ...
         metrics: dict = {"skipped_unparsable_golds": skipped}
         if options.gate:
             gated = apply_gate(model, tokenizer, rows, options, trl_config.max_completion_length,
-                               handle.dir / "gate.json", flag=handle.flag)
+                               handle.dir / "gate.json", flag=handle.flag, seed=trl_config.seed)
             if gated is None:
                 return {}
             rows, metrics["gate"] = gated

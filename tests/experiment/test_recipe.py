@@ -225,7 +225,7 @@ def test_dry_run_json_shows_resolved_config_and_writes_no_run_dir(tmp_path):
     jobs = {j["id"]: j for j in json.loads(out.stdout)}
     rl = jobs["direct-grpo/seed0:student-rl"]["config"]
     assert rl["trl_class"] == "GRPOConfig" and rl["sdd"]["dataset"] == "toy-train"
-    assert rl["trl"]["learning_rate"] == 2.0e-4 and rl["trl"]["max_steps"] == 60  # the toy's own values
+    assert rl["trl"]["learning_rate"] == 2.0e-4 and rl["trl"]["max_steps"] == 40  # the toy's own values
     assert any(layer.endswith(".yaml") for layer in rl["layers"]) and "sdd defaults" in rl["layers"]
     assert jobs["shared:toy-init"]["config"] is None
     assert not (root / "shared").exists() and not (root / "direct-grpo").exists()
