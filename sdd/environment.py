@@ -3,7 +3,9 @@
 Two runs of one recipe with the same seeds give the same numbers only under the same library
 versions, the same kind of processor and the same thread count: a transformers minor release, an
 AMD instead of an Intel CPU, or 2 threads instead of 1 (a matmul then sums in another order) each
-change the low bits of the weights, and the sampled completions diverge from there. So every
+change the low bits of the weights, and the sampled completions diverge from there. Within one
+CPU family torch also picks its vectorized kernels by the instruction set it finds (AVX2, AVX512; the
+`cpu_capability` here), so two Intel CPUs of different generations may not sum alike either. So every
 stage records what it ran under, and the report says when the stages of one experiment did not
 all run under the same.
 """
@@ -48,12 +50,13 @@ def gpu_model() -> str | None:
 
 
 def capture() -> dict:
-    """What this process computes with: versions, processors, torch's thread count and determinism, OS."""
+    """What this process computes with: versions, processors and torch's CPU kernels, thread count, determinism, OS."""
     import torch
 
     return {
         "versions": versions(),
         "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": gpu_model(),
         "threads": torch.get_num_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
@@ -65,6 +68,8 @@ def describe(environment: dict) -> str:
     """One line for people: versions, the processor, threads."""
     names = ", ".join(f"{name} {version}" for name, version in (environment.get("versions") or {}).items() if version)
     device = environment.get("gpu") or environment.get("cpu") or "unknown processor"
+    if not environment.get("gpu") and environment.get("cpu_capability"):
+        device += f" ({environment['cpu_capability']} kernels)"
     threads = environment.get("threads")
     return f"{names}; {device}; {threads} thread{'s' if threads != 1 else ''}; {environment.get('platform', '')}"
 

@@ -2,6 +2,7 @@
 `sdd report` prints it and warns when the stages of one experiment ran under different ones."""
 
 import json
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -42,6 +43,17 @@ def test_capture_names_versions_processor_and_threads():
     assert captured["threads"] == before
     if sys.platform == "linux":
         assert captured["platform"].startswith("Linux")
+    assert captured["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_cpu_capability_is_the_kernel_set_torch_dispatches_to():
+    """ATEN_CPU_CAPABILITY lowers the instruction set torch's CPU kernels use; the record must follow it."""
+    code = "import json; from sdd import environment; e = environment.capture(); print(json.dumps(e)); print(environment.describe(e))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert json.loads(out[0])["cpu_capability"] == "DEFAULT"
+    if not torch.cuda.is_available():
+        assert "(DEFAULT kernels)" in out[1]
 
 
 def test_each_record_holds_its_environment_and_status_json_shows_it(tmp_path, capsys):
