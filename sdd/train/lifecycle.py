@@ -157,9 +157,9 @@ def _run_stage(run: RunDir, name: str, stage: str, role: str | None, config: dic
             yield handle
             if not handle.finished:
                 signal_name = flag.requested or "a signal"
-                last = complete_checkpoints(stage_dir)
+                last = last_complete_checkpoint(stage_dir)
                 if last:
-                    raise Interrupted(f"{name} stopped on {signal_name}; its checkpoint is saved ({last[-1].name}) - "
+                    raise Interrupted(f"{name} stopped on {signal_name}; its checkpoint is saved ({last}) - "
                                       "rerun the same command to resume")
                 raise Interrupted(f"{name} stopped on {signal_name} before its first checkpoint (work finished so far "
                                   "is kept) - rerun the same command to resume")
@@ -170,20 +170,20 @@ def _run_stage(run: RunDir, name: str, stage: str, role: str | None, config: dic
             # A second Ctrl-C: stopped where it was, maybe mid-save; resume_point skips a half-written
             # checkpoint. Raised as Interrupted (exit 75, "rerun to resume"): typer turns a bare
             # KeyboardInterrupt into a *returned* 130, which the CLI and `sdd run` would take as success.
-            last = complete_checkpoints(stage_dir)
-            keep = f"from {last[-1].name}" if last else "from the start (no checkpoint was complete)"
+            last = last_complete_checkpoint(stage_dir)
+            keep = f"from {last}" if last else "from the start (no checkpoint was complete)"
             message = f"{name} aborted by a second Ctrl-C; rerun the same command to resume {keep}"
             run.end(name, "interrupted", error=message)
             raise Interrupted(message) from None
         except NonFiniteLoss as err:
-            last = complete_checkpoints(stage_dir)
-            keep = f"the last good checkpoint is {last[-1].name}" if last else "no checkpoint was written yet"
+            last = last_complete_checkpoint(stage_dir)
+            keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             message = f"{name}: {err}; {keep}. Lower the learning rate or check the data, then rerun"
             run.end(name, "failed", error=message)
             raise SddError(message) from None
         except CheckpointWriteFailed as err:
-            last = complete_checkpoints(stage_dir)
-            keep = f"the last complete checkpoint, {last[-1].name}, is intact" if last else "no earlier checkpoint exists"
+            last = last_complete_checkpoint(stage_dir)
+            keep = f"the last complete checkpoint, {last}, is intact" if last else "no earlier checkpoint exists"
             message = f"{name}: {err}; {keep}. Free disk space, then rerun the same command to resume"
             run.end(name, "failed", error=message)
             raise SddError(message) from None
@@ -206,6 +206,12 @@ def _run_stage(run: RunDir, name: str, stage: str, role: str | None, config: dic
     finally:
         lock.release()
         release_distributed()
+
+
+def last_complete_checkpoint(stage_dir: Path) -> str | None:
+    """The name of the newest sealed checkpoint, for the one line that tells a user where a rerun resumes."""
+    complete = complete_checkpoints(stage_dir)
+    return complete[-1].name if complete else None
 
 
 def release_distributed() -> None:
