@@ -1,13 +1,12 @@
 """The environment a stage ran under, for its manifest record and for `sdd report`.
 
 Two runs of one recipe with the same seeds give the same numbers only under the same library
-versions, the same kind of processor and the same thread count: a transformers minor release, an
-AMD instead of an Intel CPU, or 2 threads instead of 1 (a matmul then sums in another order) each
-change the low bits of the weights, and the sampled completions diverge from there. Within one
-CPU family torch also picks its vectorized kernels by the instruction set it finds (AVX2, AVX512; the
-`cpu_capability` here), so two Intel CPUs of different generations may not sum alike either. So every
-stage records what it ran under, and the report says when the stages of one experiment did not
-all run under the same.
+versions, the same kernels and the same thread count. 2 threads instead of 1 (a matmul then sums in
+another order), or torch's AVX2 kernels instead of AVX512 on the same CPU (`cpu_capability` here: torch
+picks them by the instruction set it finds), each changed every weight of a 100-step toy run; a
+library release can too, though transformers 5.23 -> 5.24 did not (docs/results.md). From a changed
+low bit the sampled completions diverge. So every stage records what it ran under, and the report
+says when the stages of one experiment did not all run under the same.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ def capture() -> dict:
 
 
 def describe(environment: dict) -> str:
-    """One line for people: versions, the processor, threads."""
+    """One line for people: versions, the processor (with its kernel set on a CPU), threads."""
     names = ", ".join(f"{name} {version}" for name, version in (environment.get("versions") or {}).items() if version)
     device = environment.get("gpu") or environment.get("cpu") or "unknown processor"
     if not environment.get("gpu") and environment.get("cpu_capability"):
